@@ -1,0 +1,1 @@
+"""callmon monitor: ingest, metrics, rules and incidents (see issue 3)."""

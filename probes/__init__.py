@@ -1,0 +1,1 @@
+"""Run synthetic WebRTC calls and measure their quality."""

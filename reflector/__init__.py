@@ -1,0 +1,1 @@
+"""callmon reflector: the call target that echoes media, with fault injection."""
