@@ -27,14 +27,19 @@ async def test_clean_call_is_ok_with_nothing_to_report(reflector: Reflector) -> 
     result = await call(reflector.url, 8)
     s = result.summary
     assert result.status is Status.OK, _dump(result)
-    assert s.video.freezes == 0 and s.video.gaps == 0, _dump(result)
+    assert s.video.freezes == 0, _dump(result)
+    assert s.video.gaps == 0, _dump(result)
     assert s.audio.gaps == 0, _dump(result)
-    assert s.av_offset_s is not None and abs(s.av_offset_s) <= 0.010, _dump(result)
+    assert s.av_offset_s is not None
+    assert abs(s.av_offset_s) <= 0.010, _dump(result)
     assert s.av_offset_samples >= 6
-    assert s.audio.lost == 0 and s.video.lost == 0
-    assert s.audio.loss == 0 and s.video.loss == 0
+    assert s.audio.lost == 0
+    assert s.video.lost == 0
+    assert s.audio.loss == 0
+    assert s.video.loss == 0
     # 15 fps and 50 packets/s come back whole
-    assert s.video.fps is not None and 14 <= s.video.fps <= 15.5
+    assert s.video.fps is not None
+    assert 14 <= s.video.fps <= 15.5
     assert s.audio.packets >= 8 * 50 - 10
     assert s.video.corrupt_frames == 0
     # milestones in order, all from one start instant, and well within the target
@@ -42,12 +47,15 @@ async def test_clean_call_is_ok_with_nothing_to_report(reflector: Reflector) -> 
     milestones = [p.offer_s, p.answer_s, p.ice_s, p.dtls_s]
     assert all(m is not None for m in milestones), p
     assert milestones == sorted(milestones), p  # type: ignore[type-var]
-    assert p.dtls_s is not None and p.first_rtp_audio_s is not None
-    assert p.first_rtp_video_s is not None and p.connect_s is not None
+    assert p.dtls_s is not None
+    assert p.first_rtp_audio_s is not None
+    assert p.first_rtp_video_s is not None
+    assert p.connect_s is not None
     assert p.dtls_s <= min(p.first_rtp_audio_s, p.first_rtp_video_s)
     assert p.connect_s == max(p.first_frame_audio_s or 0, p.first_frame_video_s or 0)
     assert p.connect_s < 0.6
-    assert result.route is not None and result.route.local_candidate == "host"
+    assert result.route is not None
+    assert result.route.local_candidate == "host"
     assert result.route.remote_address.startswith("127.0.0.1:")
     assert len(result.samples) == 8
     assert [round(s.t_s) for s in result.samples] == list(range(1, 9))
@@ -74,7 +82,8 @@ async def test_av_offset_matches_an_injected_delay(
     assert all(abs(o - expected) <= 0.015 for o in offsets), offsets
     # the delayed medium's own round trip shows the delay
     delayed = getattr(s, kind).delay_s
-    assert delayed is not None and delayed == pytest.approx(0.150, abs=0.010)
+    assert delayed is not None
+    assert delayed == pytest.approx(0.150, abs=0.010)
     assert any(d.metric == "av_offset_s" for d in result.degradations) == (expected > 0)
 
 
@@ -91,7 +100,8 @@ async def test_video_blackout_is_exactly_one_freeze_of_its_length(reflector: Ref
     assert v.recovery == 0, "the reflector resumed at a keyframe: nothing to recover"
     assert result.summary.audio.gaps == 0
     frozen = [s.t_s for s in result.samples if s.video.freezes]
-    assert len(frozen) == 1 and 3 < frozen[0] <= 5, frozen
+    assert len(frozen) == 1, frozen
+    assert 3 < frozen[0] <= 5, frozen
     assert result.status is Status.DEGRADED
     assert [d.metric for d in result.degradations] == ["video.freezes"]
 
@@ -123,7 +133,8 @@ async def test_loss_is_measured_per_medium_on_first_transmission(reflector: Refl
     video = result.summary.video
     # aiortc retransmits video on NACK: most losses come back, each RTX risking 5 % too
     assert video.recovered >= 0.8 * video.lost
-    assert video.residual_loss is not None and video.loss is not None
+    assert video.residual_loss is not None
+    assert video.loss is not None
     assert video.residual_loss < video.loss
     assert result.summary.audio.recovered == 0  # no NACK for audio
     assert result.status is Status.DEGRADED

@@ -56,8 +56,11 @@ def test_it_releases_a_frame_the_moment_its_marker_arrives() -> None:
     feed(assembler, key[2:], plis)
     assert len(frames) == 1
     frame = frames[0]
-    assert frame.keyframe and frame.decodable
-    assert frame.timestamp == 9000 and frame.complete_at == 0.004 and frame.first_at == 0.0
+    assert frame.keyframe
+    assert frame.decodable
+    assert frame.timestamp == 9000
+    assert frame.complete_at == 0.004
+    assert frame.first_at == 0.0
     assert frame.data == b"\x00\x64" + b"\x01\x65" + b"\x01\x66"
     assert plis == [False, False, False]
 
@@ -96,11 +99,13 @@ def test_it_waits_for_a_retransmission_then_gives_up_and_asks_for_a_keyframe() -
     assert assembler.skipped == 1
     # the late packet is dropped, not delivered out of order
     feed(assembler, [fourth[1]], plis)
-    assert assembler.late == 1 and len(frames) == 6
+    assert assembler.late == 1
+    assert len(frames) == 6
     # a keyframe mends the chain
     clock.now = 0.5
     feed(assembler, frame_packets(12, 42000, 2, key=True), plis)
-    assert frames[-1].keyframe and frames[-1].decodable
+    assert frames[-1].keyframe
+    assert frames[-1].decodable
 
 
 def test_it_asks_for_keyframes_at_most_every_quarter_second() -> None:
@@ -118,7 +123,8 @@ def test_it_asks_for_keyframes_at_most_every_quarter_second() -> None:
 def test_a_delta_frame_first_is_not_decodable() -> None:
     assembler, frames, _, plis = video()
     feed(assembler, frame_packets(0, 0, 1), plis)
-    assert len(frames) == 1 and not frames[0].decodable
+    assert len(frames) == 1
+    assert not frames[0].decodable
     assert plis == [True]
 
 

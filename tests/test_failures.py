@@ -75,7 +75,8 @@ async def test_closed_port_fails_in_signaling() -> None:
     assert result.failure is not None
     assert result.failure.phase is Phase.SIGNALING
     assert "connection refused" in result.failure.reason
-    assert result.phases.offer_s is not None and result.phases.answer_s is None
+    assert result.phases.offer_s is not None
+    assert result.phases.answer_s is None
 
 
 @pytest.fixture
@@ -90,8 +91,10 @@ async def answers_500() -> AsyncIterator[str]:
 
 async def test_server_error_fails_in_signaling_with_the_body(answers_500: str) -> None:
     result = await checked_call(answers_500, 2)
-    assert result.failure is not None and result.failure.phase is Phase.SIGNALING
-    assert "HTTP 500" in result.failure.reason and "database on fire" in result.failure.reason
+    assert result.failure is not None
+    assert result.failure.phase is Phase.SIGNALING
+    assert "HTTP 500" in result.failure.reason
+    assert "database on fire" in result.failure.reason
 
 
 @pytest.fixture
@@ -111,7 +114,8 @@ async def answers_garbage() -> AsyncIterator[str]:
 
 async def test_malformed_answer_fails_in_signaling(answers_garbage: str) -> None:
     result = await checked_call(answers_garbage, 2)
-    assert result.failure is not None and result.failure.phase is Phase.SIGNALING
+    assert result.failure is not None
+    assert result.failure.phase is Phase.SIGNALING
     assert "malformed SDP answer" in result.failure.reason
 
 
@@ -178,7 +182,8 @@ async def never_sends() -> AsyncIterator[str]:
 
 async def test_target_that_never_sends_media_fails_in_media(never_sends: str) -> None:
     result = await checked_call(never_sends, 5, media_timeout_s=1.5)
-    assert result.failure is not None and result.failure.phase is Phase.MEDIA
+    assert result.failure is not None
+    assert result.failure.phase is Phase.MEDIA
     assert "no audio packets and no video packets within 1.5 s" in result.failure.reason
     assert result.phases.dtls_s is not None, "it did connect: media is what failed"
 
@@ -191,7 +196,8 @@ async def receive_only() -> AsyncIterator[str]:
 
 async def test_target_that_will_not_send_fails_at_once(receive_only: str) -> None:
     result = await checked_call(receive_only, 2)
-    assert result.failure is not None and result.failure.phase is Phase.MEDIA
+    assert result.failure is not None
+    assert result.failure.phase is Phase.MEDIA
     assert "does not send audio and video back" in result.failure.reason
 
 
@@ -203,5 +209,7 @@ async def unreachable_candidates() -> AsyncIterator[str]:
 
 async def test_unreachable_candidates_fail_in_ice(unreachable_candidates: str) -> None:
     result = await checked_call(unreachable_candidates, 5, connect_timeout_s=2.5)
-    assert result.failure is not None and result.failure.phase is Phase.ICE
-    assert result.phases.answer_s is not None and result.phases.ice_s is None
+    assert result.failure is not None
+    assert result.failure.phase is Phase.ICE
+    assert result.phases.answer_s is not None
+    assert result.phases.ice_s is None

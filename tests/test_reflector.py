@@ -89,7 +89,8 @@ async def test_it_refuses_bad_requests_with_the_reason_and_keeps_serving(guarded
             assert response.status == 200
         async with http.get(resource, headers=AUTH) as response:
             record = await response.json()
-            assert record["state"] == "ended" and record["ended_reason"] == "deleted"
+            assert record["state"] == "ended"
+            assert record["ended_reason"] == "deleted"
         assert await active_calls(http, url) == 0
     await pc.close()
 
@@ -101,7 +102,8 @@ async def test_it_refuses_bad_requests_with_the_reason_and_keeps_serving(guarded
 async def test_it_hangs_up_calls_at_the_maximum_duration(guarded: str) -> None:
     result = await call(guarded, 6, token=TOKEN, media_timeout_s=2)
     assert result.status is Status.FAILED
-    assert result.failure is not None and result.failure.phase is Phase.CALL
+    assert result.failure is not None
+    assert result.failure.phase is Phase.CALL
     # the reflector's limit is 2 s; the probe notices within its media timeout
     assert 1.5 <= result.summary.media_s <= 5.0, result.summary.media_s
     async with (
@@ -122,5 +124,6 @@ async def test_it_reports_health_and_metrics() -> None:
                 health = await response.json()
             async with http.get(base + "/metrics") as response:
                 metrics = await response.text()
-        assert health["calls_active"] == 0 and health["max_calls"] == 20
+        assert health["calls_active"] == 0
+        assert health["max_calls"] == 20
         assert 'callmon_reflector_calls_total{reason="deleted"} 1.0' in metrics

@@ -19,18 +19,27 @@ async def test_a_call_to_janus_echotest_has_plausible_numbers(tmp_path: Path) ->
         logs = log_tail(janus.log_path)
     s, p = result.summary, result.phases
     assert result.status is Status.OK, (result.failure, result.degradations, logs)
-    assert result.target.session is not None and "/" in result.target.session
+    assert result.target.session is not None
+    assert "/" in result.target.session
     assert result.route is not None
     assert result.route.remote_address.startswith(janus.url.split("//")[1].split(":")[0])
-    assert p.connect_s is not None and p.connect_s < 0.6
-    assert s.audio.loss == 0 and s.video.loss == 0
-    assert s.video.freezes == 0 and s.audio.gaps == 0
-    assert s.video.fps is not None and s.video.fps > 13
-    assert s.av_offset_s is not None and abs(s.av_offset_s) < 0.02
+    assert p.connect_s is not None
+    assert p.connect_s < 0.6
+    assert s.audio.loss == 0
+    assert s.video.loss == 0
+    assert s.video.freezes == 0
+    assert s.audio.gaps == 0
+    assert s.video.fps is not None
+    assert s.video.fps > 13
+    assert s.av_offset_s is not None
+    assert abs(s.av_offset_s) < 0.02
     for media in (s.audio, s.video):
-        assert media.jitter_s is not None and media.jitter_s < 0.01
-        assert media.delay_s is not None and media.delay_s < 0.05
-    assert s.rtt_s is not None and s.rtt_s < 0.05
+        assert media.jitter_s is not None
+        assert media.jitter_s < 0.01
+        assert media.delay_s is not None
+        assert media.delay_s < 0.05
+    assert s.rtt_s is not None
+    assert s.rtt_s < 0.05
 
 
 async def test_a_relay_only_call_goes_through_coturn(tmp_path: Path, reflector: Reflector) -> None:
@@ -42,6 +51,8 @@ async def test_a_relay_only_call_goes_through_coturn(tmp_path: Path, reflector: 
         result = await call(reflector.url, 4, ice=ice)
         logs = log_tail(turn.log_path, 200)
     assert result.status is Status.OK, (result.failure, logs)
-    assert result.route is not None and result.route.local_candidate == "relay"
-    assert "ALLOCATE" in logs and "success" in logs
+    assert result.route is not None
+    assert result.route.local_candidate == "relay"
+    assert "ALLOCATE" in logs
+    assert "success" in logs
     assert result.summary.video.frames > 40
