@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import logging
 import socket
 import time
 import uuid
@@ -74,6 +75,8 @@ from probes.videoreceiver import VideoReceiver
 
 CLOSE_TIMEOUT_S = 5.0
 
+log = logging.getLogger("callmon.probe")
+
 
 @dataclass(frozen=True, kw_only=True)
 class CallOptions:
@@ -84,8 +87,7 @@ class CallOptions:
     connect_timeout_s: float = 10.0
     "Deadline for signaling, ICE and DTLS together."
     media_timeout_s: float = 5.0
-    "Deadline for the first decoded frame of each medium after DTLS connected; also how long"
-    " media may stop mid-call before the call counts as failed."
+    "Deadline for each medium's first decoded frame after DTLS; also the longest mid-call stop."
     token: str | None = None
     ice: IceOptions = field(default_factory=IceOptions)
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -175,6 +177,12 @@ class ProbeCall:
                 await self._hold()
             except CallFailed as exc:
                 failure = Failure(phase=exc.phase, reason=exc.reason)
+            except Exception as exc:  # a fault in the probe or aiortc: still a result
+                log.exception("probe call to %s failed unexpectedly", options.url)
+                failure = Failure(
+                    phase=self._current_phase(),
+                    reason=f"probe error: {exc.__class__.__name__}: {exc}",
+                )
             finally:
                 self._session_id = session.session_id
                 await self._close(pc, session)
@@ -538,6 +546,19 @@ class ProbeCall:
                 keyframe_requests=self._keyframe_requests,
             ),
         )
+
+    def _current_phase(self) -> Phase:
+        p = self._phases
+        for phase, reached in (
+            (Phase.OFFER, p.offer_s),
+            (Phase.SIGNALING, p.answer_s),
+            (Phase.ICE, p.ice_s),
+            (Phase.DTLS, p.dtls_s),
+            (Phase.MEDIA, p.connect_s),
+        ):
+            if reached is None:
+                return phase
+        return Phase.CALL
 
     def _since_start(self) -> float:
         return self._clock() - self._t0

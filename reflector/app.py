@@ -45,8 +45,9 @@ CODECS = {"audio": "audio/opus", "video": "video/VP8"}
 CLOCK_RATES = {"audio": 48_000, "video": 90_000}
 # A call whose ICE/DTLS has not connected by then is abandoned.
 CONNECT_TIMEOUT_S = 30.0
-# Records of ended calls kept for GET, newest last.
+# Records of ended calls kept for GET, newest last; the newest few with every packet.
 ENDED_KEPT = 200
+ENDED_WITH_PACKETS = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +113,8 @@ class Registry:
 
     live: dict[str, Call] = field(default_factory=dict)
     ended: OrderedDict[str, Call] = field(default_factory=OrderedDict)
+    starting: int = 0
+    "Calls whose answer is being made: they hold a slot already."
     enders: TaskGroup = field(default_factory=TaskGroup)
     "Hang-ups started by timers."
 
@@ -237,7 +240,7 @@ async def post_offer(request: web.Request) -> web.Response:
         impairment = Impairment.from_query(request.query)
     except ValueError as exc:
         raise _reject(web.HTTPBadRequest, f"bad query parameter: {exc}") from None
-    if len(calls.live) >= config.max_calls:
+    if len(calls.live) + calls.starting >= config.max_calls:
         raise _reject(
             web.HTTPServiceUnavailable,
             f"all {config.max_calls} call slots are busy",
@@ -258,6 +261,7 @@ async def post_offer(request: web.Request) -> web.Response:
         created=time.monotonic(),
         origin=MediaOrigin(),
     )
+    calls.starting += 1  # the slot is taken while the answer is being made
     try:
         answer = await _answer(call, offer, config)
     except ValueError as exc:
@@ -266,6 +270,8 @@ async def post_offer(request: web.Request) -> web.Response:
     except BaseException:
         await call.pc.close()
         raise
+    finally:
+        calls.starting -= 1
     calls.live[call.id] = call
     request.app[METRICS].calls_active.set(len(calls.live))
     loop = asyncio.get_running_loop()
@@ -411,6 +417,10 @@ async def _end(app: web.Application, call: Call, reason: str) -> None:
     calls.ended[call.id] = call
     while len(calls.ended) > ENDED_KEPT:
         calls.ended.popitem(last=False)
+    # Per-packet records are kept for the most recent calls only; older ones keep totals.
+    for old in list(calls.ended.values())[:-ENDED_WITH_PACKETS]:
+        if old.wire is not None:
+            old.wire.forget_packets()
     app[METRICS].calls_active.set(len(calls.live))
     app[METRICS].calls.labels(reason).inc()
     for forwarder_track in call.pc.getSenders():

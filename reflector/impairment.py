@@ -153,6 +153,7 @@ class WireImpairment:
         """`streams` maps each outgoing SSRC to (kind, is_retransmission)."""
         self.impairment = impairment
         self._loop = loop
+        self._summary: dict[str, object] | None = None
         base = (
             impairment.seed
             if impairment.seed is not None
@@ -218,8 +219,17 @@ class WireImpairment:
         if len(stream.records) < MAX_RECORDS:
             stream.records.append((seq, timestamp, delay))
 
+    def forget_packets(self) -> None:
+        """Keep the totals, drop the per-packet records (memory for ended calls)."""
+        if self._summary is None:
+            self._summary = self.report()
+            for stream in self._streams.values():
+                stream.records = []
+
     def report(self, *, packets: bool = False) -> dict[str, object]:
         """Return what was applied per medium; with `packets`, every packet's fate."""
+        if self._summary is not None:
+            return self._summary
         out: dict[str, object] = {}
         for kind in ("audio", "video"):
             media = [s for s in self._streams.values() if s.kind == kind and not s.retransmission]
