@@ -7,6 +7,9 @@ with what the reflector reports it did.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from conftest import Reflector, applied, call
 
@@ -152,3 +155,19 @@ async def test_jitter_matches_rfc3550_over_the_applied_delays(reflector: Reflect
         assert measured == pytest.approx(expected, rel=0.25), (kind, expected, _dump(result))
     assert result.summary.video.freezes == 0
     assert result.summary.audio.gaps == 0
+
+
+async def test_the_probes_own_overload_is_not_reported_as_the_services(
+    reflector: Reflector,
+) -> None:
+    """A 300 ms stall of the probe's own event loop must not page anyone."""
+    loop = asyncio.get_running_loop()
+    loop.call_later(3.5, time.sleep, 0.3)  # blocks the whole loop: sending and receiving
+    result = await call(reflector.url, 7)
+    stalled = [s for s in result.samples if not s.reliable]
+    assert stalled, "the stall was not noticed"
+    assert max(s.loop_lag_s for s in stalled) >= 0.25
+    assert result.summary.unreliable_s == len(stalled) <= 2
+    assert result.summary.video.freezes == 0, _dump(result)
+    assert result.summary.audio.gaps == 0, _dump(result)
+    assert result.status is Status.OK, _dump(result)
