@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aiortc import RTCRtpReceiver
 from aiortc.rtp import RtpPacket
 
+from probes import aiortc_hooks
 from probes.aiortc_hooks import FrameBuffer
 
 # How far back a sequence number may jump before it counts as a restart of the stream.
@@ -251,3 +253,17 @@ class FrameAssembler(FrameBuffer):
             return False
         self._last_pli = now
         return True
+
+
+def attach(
+    receiver: RTCRtpReceiver,
+    kind: str,
+    on_frame: Callable[[EncodedFrame], None],
+    on_packet: Callable[[RtpPacket, float], None],
+) -> FrameAssembler:
+    """Give a receiver callmon's receive path: arrival tap, assembler, no REMB."""
+    assembler = FrameAssembler(kind, on_frame)
+    aiortc_hooks.tap_rtp(receiver, on_packet)
+    aiortc_hooks.replace_frame_buffer(receiver, assembler)
+    aiortc_hooks.disable_bitrate_estimator(receiver)
+    return assembler

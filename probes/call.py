@@ -24,7 +24,6 @@ from aiortc import (
     RTCPeerConnection,
     RTCRtpReceiver,
     RTCRtpSender,
-    RTCRtpTransceiver,
     RTCSessionDescription,
 )
 from aiortc.rtp import RtpPacket
@@ -51,7 +50,7 @@ from callmon.callresult import (
 )
 from callmon.tasks import TaskGroup
 from probes import aiortc_hooks
-from probes.assembler import FrameAssembler
+from probes.assembler import attach
 from probes.audioreceiver import AudioReceiver
 from probes.avsync import AvSync
 from probes.ice import IceOptions
@@ -68,6 +67,7 @@ from probes.media import (
     SendLog,
     SentChirp,
     SentFrame,
+    prefer_codec,
     shared_loops,
 )
 from probes.signaling import SignalingError, SignalingSession, open_session
@@ -201,8 +201,8 @@ class ProbeCall:
         self._video_track = video_track
         audio = pc.addTransceiver(audio_track, direction="sendrecv")
         video = pc.addTransceiver(video_track, direction="sendrecv")
-        _prefer(audio, "audio/opus")
-        _prefer(video, "video/VP8")
+        prefer_codec(audio)
+        prefer_codec(video)
         aiortc_hooks.on_keyframe_request(video.sender, video_track.request_keyframe)
 
         # media in: arrival taps and low-latency assembly
@@ -305,9 +305,7 @@ class ProbeCall:
                     self._phases.first_rtp_video_s = at
             medium.inbound.on_packet(packet, arrival, retransmission=retransmission)
 
-        aiortc_hooks.tap_rtp(receiver, on_packet)
-        aiortc_hooks.replace_frame_buffer(receiver, FrameAssembler(medium.kind, on_frame))
-        aiortc_hooks.disable_bitrate_estimator(receiver)
+        attach(receiver, medium.kind, on_frame, on_packet)
 
     def _watch_states(self, pc: RTCPeerConnection) -> None:
         @pc.on("iceconnectionstatechange")
@@ -577,14 +575,6 @@ def _route(pc: RTCPeerConnection) -> Route | None:
         remote_candidate=remote.type,
         remote_address=f"{remote.host}:{remote.port}",
     )
-
-
-def _prefer(transceiver: RTCRtpTransceiver, mime_type: str) -> None:
-    """Offer only `mime_type` (and its RTX): the loops are pre-encoded in that codec."""
-    capabilities = RTCRtpSender.getCapabilities(transceiver.kind).codecs
-    chosen = [c for c in capabilities if c.mimeType.lower() == mime_type.lower()]
-    rtx = [c for c in capabilities if c.mimeType.lower().endswith("/rtx")]
-    transceiver.setCodecPreferences(chosen + rtx)
 
 
 class _MediaFields(TypedDict):

@@ -25,6 +25,7 @@ from typing import Any
 
 import av
 import numpy as np
+from aiortc import RTCRtpSender, RTCRtpTransceiver
 from aiortc.mediastreams import MediaStreamTrack
 from av.packet import Packet
 
@@ -47,6 +48,10 @@ CHIRP_PERIOD_S = 1.0
 # Chirps sit 200 ms into each second, clear of the loop's wrap-around; at 15 fps that
 # instant is frame 3 of each second, the frame they are aligned with.
 CHIRP_OFFSET_S = 0.2
+
+CODECS = {"audio": "audio/opus", "video": "video/VP8"}
+"The one codec per medium callmon sends and forwards (the loops are encoded in it)."
+CLOCK_RATES = {"audio": AUDIO_RATE, "video": VIDEO_CLOCK}
 
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
 AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
@@ -190,6 +195,19 @@ class AudioDecoder:
             usable = len(samples) - len(samples) % DECIMATION
             out.append(samples[:usable].reshape(-1, DECIMATION).mean(axis=1) / scale)
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def prefer_codec(transceiver: RTCRtpTransceiver) -> None:
+    """Negotiate only callmon's codec for this medium (and its RTX).
+
+    The probe's loops are pre-encoded in it and the reflector forwards without
+    transcoding, so offering or accepting anything else could only fail later.
+    """
+    wanted = CODECS[transceiver.kind].lower()
+    capabilities = RTCRtpSender.getCapabilities(transceiver.kind).codecs
+    chosen = [c for c in capabilities if c.mimeType.lower() == wanted]
+    rtx = [c for c in capabilities if c.mimeType.lower().endswith("/rtx")]
+    transceiver.setCodecPreferences(chosen + rtx)
 
 
 # --- what was sent, when -------------------------------------------------------------------

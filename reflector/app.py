@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiortc import (
     RTCPeerConnection,
-    RTCRtpSender,
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
@@ -34,15 +33,14 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 import callmon
 from callmon.tasks import TaskGroup
 from probes import aiortc_hooks
-from probes.assembler import FrameAssembler
+from probes.assembler import attach
 from probes.ice import IceOptions
+from probes.media import CLOCK_RATES, CODECS, prefer_codec
 from reflector.forwarder import Forwarder, ForwardTrack, MediaOrigin
 from reflector.impairment import Impairment, WireImpairment
 
 log = logging.getLogger("callmon.reflector")
 
-CODECS = {"audio": "audio/opus", "video": "video/VP8"}
-CLOCK_RATES = {"audio": 48_000, "video": 90_000}
 # A call whose ICE/DTLS has not connected by then is abandoned.
 CONNECT_TIMEOUT_S = 30.0
 # Records of ended calls kept for GET, newest last; the newest few with every packet.
@@ -306,7 +304,7 @@ async def _answer(call: Call, offer: str, config: ReflectorConfig) -> str:
         raise ValueError("no audio or video m-line to echo")
     streams: dict[int, tuple[str, bool]] = {}
     for transceiver in transceivers:
-        _prefer(transceiver)
+        prefer_codec(transceiver)
         forwarder = _forward(call, transceiver)
         call.forwarders[transceiver.kind] = forwarder
         media_ssrc, rtx_ssrc = aiortc_hooks.sender_ssrcs(transceiver.sender)
@@ -318,15 +316,6 @@ async def _answer(call: Call, offer: str, config: ReflectorConfig) -> str:
         call.wire = WireImpairment(call.impairment, streams, asyncio.get_running_loop())
         aiortc_hooks.wrap_rtp_send(aiortc_hooks.dtls_transport(pc), call.wire.wrap)
     return str(pc.localDescription.sdp)
-
-
-def _prefer(transceiver: RTCRtpTransceiver) -> None:
-    """Echo in the codec received: forwarding cannot transcode."""
-    wanted = CODECS[transceiver.kind]
-    capabilities = RTCRtpSender.getCapabilities(transceiver.kind).codecs
-    chosen = [c for c in capabilities if c.mimeType.lower() == wanted.lower()]
-    rtx = [c for c in capabilities if c.mimeType.lower().endswith("/rtx")]
-    transceiver.setCodecPreferences(chosen + rtx)
 
 
 def _forward(call: Call, transceiver: RTCRtpTransceiver) -> Forwarder:
@@ -352,9 +341,7 @@ def _forward(call: Call, transceiver: RTCRtpTransceiver) -> Forwarder:
     def on_packet(packet: RtpPacket, arrival: float) -> None:
         upstream.setdefault("ssrc", packet.ssrc)
 
-    aiortc_hooks.tap_rtp(receiver, on_packet)
-    aiortc_hooks.replace_frame_buffer(receiver, FrameAssembler(kind, forwarder.on_frame))
-    aiortc_hooks.disable_bitrate_estimator(receiver)
+    attach(receiver, kind, forwarder.on_frame, on_packet)
     call.pc.addTrack(track)
     aiortc_hooks.on_keyframe_request(transceiver.sender, forwarder.keyframe_upstream)
     return forwarder
