@@ -178,23 +178,32 @@ class AudioDecoder:
         self._codec.layout = "mono"
 
     def decode(self, payload: bytes) -> np.ndarray:
-        out: list[np.ndarray] = []
         try:
             frames = self._codec.decode(av.Packet(payload))
         except av.FFmpegError:
-            return np.zeros(0, dtype=np.float32)
-        for frame in frames:
-            assert isinstance(frame, av.AudioFrame)
-            array = frame.to_ndarray().astype(np.float32)
-            channels = len(frame.layout.channels)
-            if frame.format.is_planar:
-                samples = array.mean(axis=0)
-            else:  # packed: (1, n * channels), interleaved
-                samples = array.reshape(-1, channels).mean(axis=1)
-            scale = 32768.0 if frame.format.name.startswith("s16") else 1.0
-            usable = len(samples) - len(samples) % DECIMATION
-            out.append(samples[:usable].reshape(-1, DECIMATION).mean(axis=1) / scale)
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+            return _NO_SAMPLES
+        out = [self._analysis(frame) for frame in frames if isinstance(frame, av.AudioFrame)]
+        if len(out) == 1:
+            return out[0]
+        return np.concatenate(out) if out else _NO_SAMPLES
+
+    @staticmethod
+    def _analysis(frame: av.AudioFrame) -> np.ndarray:
+        """Fold to mono and average every DECIMATION samples, scaled to [-1, 1]."""
+        array = frame.to_ndarray()
+        channels = array.shape[0] if frame.format.is_planar else array.size // frame.samples
+        if frame.format.is_planar:  # (channels, n)
+            mono = array.sum(axis=0, dtype=np.float32)
+        else:  # packed: (1, n * channels), interleaved
+            mono = array.reshape(frame.samples, channels).sum(axis=1, dtype=np.float32)
+        full_scale = 32768.0 if frame.format.name.startswith("s16") else 1.0
+        scale = full_scale * DECIMATION * channels
+        usable = frame.samples - frame.samples % DECIMATION
+        decimated: np.ndarray = mono[:usable].reshape(-1, DECIMATION).sum(axis=1)
+        return decimated / np.float32(scale)
+
+
+_NO_SAMPLES = np.zeros(0, dtype=np.float32)
 
 
 def prefer_codec(transceiver: RTCRtpTransceiver) -> None:
