@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 SCHEMA = "callmon.call/v1"
+SAMPLES_SCHEMA = "callmon.samples/v1"
 
 
 class Status(enum.StrEnum):
@@ -349,12 +350,49 @@ class CallResult:
         return plain
 
     @classmethod
-    def from_dict(cls, data: object) -> CallResult:
+    def from_dict(cls, data: object, path: str = "") -> CallResult:
         """Build a result from parsed JSON, raising ContractError naming the bad field."""
-        result = _from_plain(cls, data, "")
-        if result.schema != SCHEMA:
-            raise ContractError("schema", f"expected {SCHEMA!r}, got {result.schema!r}")
+        result = _from_plain(cls, data, path)
+        _check_schema(result.schema, SCHEMA, path)
         return result
+
+
+@dataclass(kw_only=True)
+class SampleBatch:
+    """Per-second samples of a long-held (continuous) call, sent while it lasts."""
+
+    schema: str = SAMPLES_SCHEMA
+    "Always `callmon.samples/v1`."
+    id: str
+    "Unique id of this batch; the monitor stores a batch id once."
+    call_id: str
+    "Id of the long-held call; the same in every batch of the call."
+    started_at: str
+    "Call start instant, RFC 3339 UTC."
+    target: Target
+    "What is being called."
+    probe: ProbeInfo
+    "Who calls."
+    samples: list[Sample] = field(default_factory=list)
+    "Per-second numbers, in order; `t_s` counts from the call's media start."
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready form."""
+        plain = _to_plain(self)
+        assert isinstance(plain, dict)
+        return plain
+
+    @classmethod
+    def from_dict(cls, data: object, path: str = "") -> SampleBatch:
+        """Build a batch from parsed JSON, raising ContractError naming the bad field."""
+        batch = _from_plain(cls, data, path)
+        _check_schema(batch.schema, SAMPLES_SCHEMA, path)
+        return batch
+
+
+def _check_schema(found: str, expected: str, path: str) -> None:
+    if found != expected:
+        raise ContractError(_join(path, "schema"), f"expected {expected!r}, got {found!r}")
 
 
 class ContractError(ValueError):
@@ -485,6 +523,7 @@ def _join(path: str, name: str) -> str:
 
 _DOCUMENTED = (
     CallResult,
+    SampleBatch,
     Target,
     Route,
     ProbeInfo,

@@ -27,9 +27,12 @@ from av.packet import Packet
 from probes.assembler import EncodedFrame
 from reflector.impairment import Blackout
 
-# Video resumes after a blackout at the first keyframe from this long before its end: the
-# keyframe asked for at that instant comes back about one frame interval (15 fps) later.
-RESUME_LEAD_S = 1 / 15
+# Video resumes after a blackout at the first keyframe from this long before its end, and
+# the keyframe is asked for at that instant: it comes back with the sender's next frame,
+# within one frame interval (15 fps). The extra 20 ms keep the request ahead of a frame
+# due at exactly that boundary, which would otherwise be a delta frame and cost a whole
+# frame interval more.
+RESUME_LEAD_S = 1 / 15 + 0.020
 PLI_MIN_INTERVAL_S = 0.1
 
 
