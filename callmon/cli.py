@@ -210,6 +210,65 @@ def _run_reflector(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- monitor ----------------------------------------------------------------------------------
+
+
+def _monitor_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("monitor", help="run the monitor: ingest, metrics, rules, incidents")
+    p.add_argument("--config", required=True, type=Path, metavar="FILE", help="monitor.yaml")
+    p.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="override `listen`")
+    p.set_defaults(run=_run_monitor)
+
+
+def _run_monitor(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from aiohttp import web
+
+    from monitor.app import create_app
+    from monitor.config import load_config
+
+    config = load_config(args.config)
+    if args.listen:
+        config = dataclasses.replace(config, host=args.listen[0], port=args.listen[1])
+    print(
+        f"callmon monitor {__version__}: http://{config.host}:{config.port} "
+        f"(database {config.database})",
+        flush=True,
+    )
+    web.run_app(create_app(config), host=config.host, port=config.port, print=None)
+    return 0
+
+
+def _token_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("token", help="mint a token and print the configuration line for it")
+    p.add_argument("--probe", metavar="NAME", help="a probe's token (with --region)")
+    p.add_argument("--region", help="the probe's region")
+    p.add_argument("--operator", metavar="NAME", help="an operator's token")
+    p.set_defaults(run=_run_token)
+
+
+def _run_token(args: argparse.Namespace) -> int:
+    import secrets
+
+    from monitor.config import token_digest
+
+    if bool(args.probe) == bool(args.operator):
+        raise ValueError("give --probe NAME --region REGION, or --operator NAME")
+    if args.probe and not args.region:
+        raise ValueError("a probe needs --region")
+    token = "cm_" + secrets.token_urlsafe(32)
+    print(f"token (give it to the {'probe' if args.probe else 'operator'}; shown once):")
+    print(f"  {token}")
+    print("configuration entry:")
+    if args.probe:
+        print(f"  probes:\n    - name: {args.probe}\n      region: {args.region}")
+    else:
+        print(f"  operators:\n    - name: {args.operator}")
+    print(f"      token_sha256: {token_digest(token)}")
+    return 0
+
+
 # --- demo ------------------------------------------------------------------------------------
 
 
@@ -260,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _probe_parser(sub)
     _reflector_parser(sub)
+    _monitor_parser(sub)
+    _token_parser(sub)
     _demo_parser(sub)
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,117 @@
+"""`callmon monitor`: the aiohttp application and its background loops.
+
+State lives under AppKeys (no module globals). Resources whose start can fail half-way
+(the store, the pipeline, the HTTP client for notifications, the clock and delivery
+loops) are set up in one cleanup context, torn down in reverse on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from monitor.api import CONFIG, METRICS, PIPELINE, STORE, TOKENS, routes
+from monitor.auth import Tokens
+from monitor.config import MonitorConfig
+from monitor.errors import error
+from monitor.metrics import Metrics
+from monitor.notify import Deliverer
+from monitor.pipeline import Pipeline
+from monitor.store import SqliteStore
+
+DELIVERER = web.AppKey("deliverer", Deliverer)
+Clock = Callable[[], float]
+
+
+def create_app(
+    config: MonitorConfig, *, clock: Clock = time.time, tick_interval_s: float | None = 1.0
+) -> web.Application:
+    """Build the monitor. `tick_interval_s=None` leaves the clock to the caller (tests)."""
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[_count_ingest, _json_errors]
+    )
+    app[CONFIG] = config
+    app[TOKENS] = Tokens.from_config(config)
+    app[METRICS] = Metrics()
+    app.add_routes(routes)
+    app.router.add_get("/metrics", make_aiohttp_handler(app[METRICS].registry))
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        store = await SqliteStore(config.database).open()
+        http = aiohttp.ClientSession()
+        deliverer = Deliverer(
+            store,
+            {c.name: c for c in config.channels},
+            config.delivery,
+            app[METRICS],
+            http,
+            clock,
+            config.public_url,
+        )
+        pipeline = Pipeline(config, store, app[METRICS], clock, on_commit=deliverer.wake)
+        app[STORE] = store
+        app[PIPELINE] = pipeline
+        app[DELIVERER] = deliverer
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await pipeline.start()
+            tasks.append(asyncio.create_task(deliverer.run()))
+            if tick_interval_s is not None:
+                tasks.append(asyncio.create_task(_ticker(pipeline, tick_interval_s)))
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await pipeline.stop()
+            await http.close()
+            await store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def _ticker(pipeline: Pipeline, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        with contextlib.suppress(Exception):  # a failed tick is retried on the next one
+            await pipeline.tick()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _count_ingest(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path != "/api/v1/results":
+        return await handler(request)
+    counter = request.app[METRICS].ingest_requests
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        counter.labels(str(exc.status)).inc()
+        raise
+    except Exception:
+        counter.labels("500").inc()
+        raise
+    counter.labels(str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give aiohttp's own "no such route" the same JSON shape as the API's errors."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound as exc:
+        if exc.content_type == "application/json":
+            raise
+        raise error(web.HTTPNotFound, f"no route {request.method} {request.path}") from None

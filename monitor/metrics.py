@@ -1,0 +1,237 @@
+"""The monitor's Prometheus metrics, on an explicit registry.
+
+Per target and region: connect-phase durations (histogram, `phase` label), the last
+call's success, jitter, loss, RTT, A/V offset, MOS, freezes and the time of the last
+result. Per severity: open incidents, time to acknowledge and to resolve (histograms),
+SLA breaches by kind. Notifications by channel and outcome; ingest counters. Labels stay
+bounded: targets and regions come from configuration, never call ids.
+
+Gauges of the latest values and of open incidents are read at scrape time from state
+kept here, restored from the store at start, so a restart does not blank them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from monitor.incidents import Incident, Severity
+from monitor.rules import value_at
+
+if TYPE_CHECKING:
+    from monitor.pipeline import Item
+    from monitor.store import ResultRow, Unit
+
+PHASES = (
+    "offer",
+    "answer",
+    "ice",
+    "dtls",
+    "first_rtp_audio",
+    "first_rtp_video",
+    "first_frame_audio",
+    "first_frame_video",
+    "connect",
+)
+PHASE_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5, 2.5, 5.0, 10.0)
+RESPONSE_BUCKETS = (60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
+
+# latest-value gauges: (metric name, help, path in a sample or result, per medium?)
+_LATEST: tuple[tuple[str, str, str, bool], ...] = (
+    ("callmon_jitter_seconds", "RFC 3550 jitter of the latest reliable second.", "jitter_s", True),
+    ("callmon_loss_ratio", "Loss on first transmission in the latest second.", "loss", True),
+    ("callmon_rtt_seconds", "RTCP round-trip time of the latest second.", "rtt_s", False),
+    (
+        "callmon_av_offset_seconds",
+        "A/V offset of the latest measurement; positive = audio ahead.",
+        "av_offset_s",
+        False,
+    ),
+    ("callmon_mos", "Estimated MOS of the latest second (1..4.5).", "mos", False),
+)
+
+
+class _Latest(Collector):
+    """Gauges read at scrape time from the latest values and the open incidents."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str, str, str], float] = {}
+        "(metric, target, region, media) -> value; media is '' for call-wide values."
+        self.success: dict[tuple[str, str], float] = {}
+        self.last_result: dict[tuple[str, str], float] = {}
+        self.open: dict[Severity, int] = dict.fromkeys(Severity, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, help_text, _, per_medium in _LATEST:
+            labels = ["target", "region", *(["media"] if per_medium else [])]
+            family = GaugeMetricFamily(name, help_text, labels=labels)
+            for (metric, target, region, media), value in sorted(self.values.items()):
+                if metric == name:
+                    family.add_metric([target, region, *([media] if per_medium else [])], value)
+            yield family
+        success = GaugeMetricFamily(
+            "callmon_call_success",
+            "1 if the latest call was ok or degraded, 0 if it failed.",
+            labels=["target", "region"],
+        )
+        for (target, region), value in sorted(self.success.items()):
+            success.add_metric([target, region], value)
+        yield success
+        last = GaugeMetricFamily(
+            "callmon_last_result_timestamp_seconds",
+            "When the latest result for a target and region was received (Unix time).",
+            labels=["target", "region"],
+        )
+        for (target, region), value in sorted(self.last_result.items()):
+            last.add_metric([target, region], value)
+        yield last
+        open_ = GaugeMetricFamily(
+            "callmon_incidents_open", "Incidents not yet resolved.", labels=["severity"]
+        )
+        for severity, count in self.open.items():
+            open_.add_metric([severity.value], count)
+        yield open_
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.latest = _Latest()
+        r.register(self.latest)
+        self.phases = Histogram(
+            "callmon_connect_phase_seconds",
+            "Time from call start to each connect milestone.",
+            ["target", "region", "phase"],
+            buckets=PHASE_BUCKETS,
+            registry=r,
+        )
+        self.calls = Counter(
+            "callmon_calls",
+            "Call results received, by status.",
+            ["target", "region", "status"],
+            registry=r,
+        )
+        self.freezes = Counter(
+            "callmon_video_freezes",
+            "Video freezes (W3C rule) seen by probes.",
+            ["target", "region"],
+            registry=r,
+        )
+        self.freeze_seconds = Counter(
+            "callmon_video_freeze_seconds",
+            "Total video freeze time seen by probes.",
+            ["target", "region"],
+            registry=r,
+        )
+        self.time_to_acknowledge = Histogram(
+            "callmon_incident_time_to_acknowledge_seconds",
+            "From opening to first acknowledgement.",
+            ["severity"],
+            buckets=RESPONSE_BUCKETS,
+            registry=r,
+        )
+        self.time_to_resolve = Histogram(
+            "callmon_incident_time_to_resolve_seconds",
+            "From opening to resolution.",
+            ["severity"],
+            buckets=RESPONSE_BUCKETS,
+            registry=r,
+        )
+        self.breaches = Counter(
+            "callmon_sla_breaches",
+            "Response deadlines missed, by kind (ack, resolve).",
+            ["severity", "kind"],
+            registry=r,
+        )
+        self.notifications = Counter(
+            "callmon_notifications",
+            "Notification deliveries, by channel and outcome.",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.ingest_requests = Counter(
+            "callmon_ingest_requests",
+            "Ingest requests, by HTTP status.",
+            ["status"],
+            registry=r,
+        )
+        self.ingest_results = Counter("callmon_ingest_results", "Call results stored.", registry=r)
+        self.ingest_samples = Counter(
+            "callmon_ingest_samples", "Per-second samples stored.", registry=r
+        )
+
+    # --- fed by the pipeline ---------------------------------------------------------------
+
+    def ingested(self, item: Item, region: str) -> None:
+        target, body = item.target, item.body
+        samples: list[Mapping[str, Any]] = list(body.get("samples", []))
+        self.ingest_samples.inc(len(samples))
+        for sample in samples:
+            if sample.get("reliable", True):
+                self._latest_from(target, region, sample)
+            freezes = value_at(sample, "video.freezes") or 0
+            if freezes:
+                self.freezes.labels(target, region).inc(freezes)
+                self.freeze_seconds.labels(target, region).inc(
+                    value_at(sample, "video.freeze_s") or 0
+                )
+        if item.kind == "result":
+            self.ingest_results.inc()
+            self._result(target, region, body)
+
+    def _result(self, target: str, region: str, body: Mapping[str, Any]) -> None:
+        status = str(body.get("status"))
+        self.calls.labels(target, region, status).inc()
+        self.latest.success[(target, region)] = 0.0 if status == "failed" else 1.0
+        phases = body.get("phases", {})
+        for phase in PHASES:
+            value = phases.get(f"{phase}_s")
+            if isinstance(value, int | float):
+                self.phases.labels(target, region, phase).observe(value)
+
+    def _latest_from(self, target: str, region: str, sample: Mapping[str, Any]) -> None:
+        for name, _, path, per_medium in _LATEST:
+            for media in ("audio", "video") if per_medium else ("",):
+                value = value_at(sample, f"{media}.{path}" if media else path)
+                if isinstance(value, int | float):
+                    self.latest.values[(name, target, region, media)] = float(value)
+
+    def committed(self, unit: Unit, all_incidents: Iterable[Incident]) -> None:
+        for row in unit.results:
+            self.latest.last_result[(row.target, row.region)] = row.received_at
+        for change in unit.changes:
+            severity = change.incident.severity.value
+            for event in change.events:
+                data = event.data
+                if "time_to_acknowledge_s" in data:
+                    self.time_to_acknowledge.labels(severity).observe(data["time_to_acknowledge_s"])
+                if event.kind == "resolved":
+                    self.time_to_resolve.labels(severity).observe(data["time_to_resolve_s"])
+                if event.kind in ("ack_breached", "resolve_breached"):
+                    self.breaches.labels(severity, data["kind"]).inc()
+        self._count_open(all_incidents)
+
+    def restore(self, latest: Iterable[ResultRow], all_incidents: Iterable[Incident]) -> None:
+        """Rebuild the gauges from the store after a start."""
+        for row in latest:
+            self.latest.last_result[(row.target, row.region)] = row.received_at
+            self.latest.success[(row.target, row.region)] = 0.0 if row.status == "failed" else 1.0
+            for sample in row.body.get("samples", []):
+                if sample.get("reliable", True):
+                    self._latest_from(row.target, row.region, sample)
+        self._count_open(all_incidents)
+
+    def _count_open(self, all_incidents: Iterable[Incident]) -> None:
+        counts = dict.fromkeys(Severity, 0)
+        for incident in all_incidents:
+            if incident.open:
+                counts[incident.severity] += 1
+        self.latest.open = counts
