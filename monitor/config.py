@@ -78,6 +78,8 @@ class MonitorConfig:
     delivery: Delivery = field(default_factory=Delivery)
     public_url: str = ""
     "Where operators reach the monitor; links in notifications point there."
+    retention_days: float = 30.0
+    "Results and samples older than this are deleted (incidents are kept); 0 keeps all."
 
 
 def load_config(path: Path) -> MonitorConfig:
@@ -102,6 +104,7 @@ _KEYS = {
     "notify",
     "delivery",
     "public_url",
+    "retention_days",
 }
 
 
@@ -142,6 +145,7 @@ def parse_config(document: Any, base: Path = Path()) -> MonitorConfig:
         channels=channels,
         delivery=_delivery(document.get("delivery", {})),
         public_url=str(document.get("public_url", "")),
+        retention_days=_number(document, "retention_days", 30.0),
     )
 
 

@@ -170,9 +170,9 @@ class Metrics:
 
     # --- fed by the pipeline ---------------------------------------------------------------
 
-    def ingested(self, item: Item, region: str) -> None:
+    def ingested(self, item: Item, region: str, samples: list[Mapping[str, Any]]) -> None:
+        """Count an item and its new seconds (a second seen before is not counted again)."""
         target, body = item.target, item.body
-        samples: list[Mapping[str, Any]] = list(body.get("samples", []))
         self.ingest_samples.inc(len(samples))
         for sample in samples:
             if sample.get("reliable", True):

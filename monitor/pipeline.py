@@ -33,6 +33,9 @@ Clock = Callable[[], float]
 
 BATCH = 256
 "Jobs taken into one transaction, at most."
+PRUNE_EVERY_S = 3600.0
+CALLS_REMEMBERED = 10_000
+"Calls whose last judged second is remembered."
 PROBE_TARGET = "probe:"
 "Conditions of probe rules name the probe where others name the target."
 
@@ -72,6 +75,8 @@ class _State:
     silences: list[Silence] = field(default_factory=list)
     known: dict[str, float] = field(default_factory=dict)
     "Ids already stored, with when (a cache in front of the store)."
+    seconds: dict[str, float] = field(default_factory=dict)
+    "Per call id, the last second judged (insertion order = least recently used first)."
 
 
 class Pipeline:
@@ -92,6 +97,7 @@ class Pipeline:
         self._state = _State()
         self._queue: asyncio.Queue[_Job[Any]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._pruned_at = float("-inf")
         self.started_at = clock()
 
     # --- life cycle ------------------------------------------------------------------
@@ -209,7 +215,15 @@ class Pipeline:
             ResultRow(item.id, item.kind, probe.name, probe.region, item.target, now, status, body)
         )
         call_id = str(body.get("call_id", item.id))
-        samples = body.get("samples", [])
+        # A long-held call sends its seconds in batches and may repeat them in its final
+        # result: each (call, second) is judged once.
+        seen = self._state.seconds.pop(call_id, -1.0)
+        samples = [s for s in body.get("samples", []) if float(s["t_s"]) > seen]
+        if samples:
+            seen = max(seen, *(float(s["t_s"]) for s in samples))
+        self._state.seconds[call_id] = seen
+        while len(self._state.seconds) > CALLS_REMEMBERED:
+            self._state.seconds.pop(next(iter(self._state.seconds)))
         unit.samples.extend(
             SampleRow(
                 call_id,
@@ -223,7 +237,7 @@ class Pipeline:
             )
             for s in samples
         )
-        self.metrics.ingested(item, probe.region)
+        self.metrics.ingested(item, probe.region, samples)
         touched: set[str] = set()
         for rule in self.rules.values():
             values: list[Any] = []
@@ -361,6 +375,18 @@ class Pipeline:
                     self._apply(unit, change)
 
         await self._submit(apply)
+        await self._prune()
+
+    async def _prune(self) -> None:
+        """Apply the retention period, at most once an hour."""
+        days = self.config.retention_days
+        now = self.clock()
+        if days <= 0 or now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        removed = await self.store.prune(now - days * 86_400)
+        if removed:
+            log.info("retention: removed %d results and samples older than %g days", removed, days)
 
     def _judge_probes(self, unit: Unit, rule: Rule, now: float) -> None:
         touched = False

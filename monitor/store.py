@@ -274,6 +274,10 @@ class Store(Protocol):
         """Return when a row next becomes claimable, if any."""
         ...
 
+    async def prune(self, before: float) -> int:
+        """Delete results and samples received before `before`; return how many."""
+        ...
+
     async def instance_id(self) -> str:
         """Return this database's random id (it makes idempotency keys unique)."""
         ...
@@ -585,6 +589,14 @@ class SqliteStore:
             return None if due is None else float(due)
 
         return await self._run(query)
+
+    async def prune(self, before: float) -> int:
+        def prune(db: sqlite3.Connection) -> int:
+            results = db.execute("DELETE FROM results WHERE received_at < ?", (before,)).rowcount
+            samples = db.execute("DELETE FROM samples WHERE at < ?", (before,)).rowcount
+            return int(results + samples)
+
+        return await self._run(lambda: self._transaction(prune))
 
     async def instance_id(self) -> str:
         def query() -> str:

@@ -463,3 +463,32 @@ async def test_metrics_are_exported_per_target_and_region(tmp_path: Path) -> Non
     assert f"callmon_call_success{{{labels}}} 1.0" in text
     assert 'callmon_incidents_open{severity="urgent"} 0.0' in text
     assert json.dumps("x")
+
+
+async def test_a_second_repeated_in_a_final_result_is_judged_once(tmp_path: Path) -> None:
+    """A continuous call's seconds arrive in batches, then again in its final result."""
+    clock = Clock()
+    async with monitor(make_config(tmp_path), clock) as m:
+        seconds = [sample(1.0, freezes=1), sample(2.0)]
+        await m.send("probe-eu", batch("call-9", seconds))
+        final = result(samples=[*seconds, sample(3.0)], result_id="call-9")
+        await m.send("probe-eu", final)
+        text = await (await m.http.get(m.url + "/metrics")).text()
+        labels = f'region="eu-west",target="{TARGET_A}"'
+        assert f"callmon_video_freezes_total{{{labels}}} 1.0" in text
+        assert "callmon_ingest_samples_total 3.0" in text
+        # judged twice, the one freeze would be 2 of 10 seconds and open an incident
+        assert await incidents(m) == []
+
+
+async def test_results_older_than_the_retention_period_are_removed(tmp_path: Path) -> None:
+    clock = Clock()
+    async with monitor(make_config(tmp_path, retention_days=1), clock) as m:
+        old = result()
+        await m.send("probe-eu", old)
+        clock.advance(86_400 + 1)
+        fresh = result()
+        await m.send("probe-eu", fresh)
+        await m.pipeline.tick()
+        assert await m.store.result(old["id"]) is None
+        assert await m.store.result(fresh["id"]) is not None
