@@ -14,11 +14,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import enum
+import functools
 import inspect
 import math
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -452,67 +454,140 @@ def _to_plain(value: object) -> object:
 
 
 def _from_plain(cls: type[T], data: object, path: str) -> T:
-    if not isinstance(data, dict):
-        raise ContractError(path, "expected an object")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for key in data:
-        if key not in known:
-            raise ContractError(_join(path, str(key)), "unknown field")
-    values: dict[str, object] = {}
-    for name, f in known.items():
-        where = _join(path, name)
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ContractError(where, "required field is missing")
-            continue
-        values[name] = _convert(hints[name], data[name], where)
-    return cls(**values)
+    try:
+        result = _converter(cls)(data)  # type: ignore[arg-type]  # classes are hashable
+    except _Invalid as exc:
+        raise ContractError(exc.path(path), exc.message) from None
+    return typing.cast(T, result)
 
 
-def _convert(hint: object, value: object, path: str) -> object:
+class _Invalid(Exception):
+    """A bad value deep in a document; each level on the way up adds its name."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.parts: list[str] = []
+
+    def at(self, part: str) -> _Invalid:
+        self.parts.append(part)
+        return self
+
+    def path(self, prefix: str) -> str:
+        out = prefix
+        for part in reversed(self.parts):
+            out = out + part if part.startswith("[") else _join(out, part)
+        return out
+
+
+Converter = Callable[[object], object]
+
+
+@functools.cache
+def _converter(hint: object) -> Converter:
+    """Build (once per type) a function that checks and converts a parsed JSON value.
+
+    Compiled once, so validating a result walks it once with no type introspection: the
+    monitor validates every sample of every result it ingests.
+    """
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ContractError(path, "must not be null")
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, path)
-    if value is None:
-        raise ContractError(path, "must not be null")
+        (inner_hint,) = [a for a in args if a is not type(None)]
+        inner = _converter(inner_hint)
+        return lambda value: None if value is None else inner(value)
     if origin is list:
-        if not isinstance(value, list):
-            raise ContractError(path, "expected a list")
-        return [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+        item = _converter(args[0])
+
+        def convert_list(value: object) -> object:
+            if type(value) is not list:
+                raise _Invalid("expected a list" if value is not None else "must not be null")
+            out = []
+            for i, element in enumerate(value):
+                try:
+                    out.append(item(element))
+                except _Invalid as exc:
+                    raise exc.at(f"[{i}]") from None
+            return out
+
+        return convert_list
     if inspect.isclass(hint) and dataclasses.is_dataclass(hint):
-        return _from_plain(hint, value, path)
+        return _dataclass_converter(hint)
     if inspect.isclass(hint) and issubclass(hint, enum.Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            allowed = ", ".join(str(m.value) for m in hint)
-            raise ContractError(path, f"expected one of {allowed}") from None
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ContractError(path, "expected true or false")
+        members = {m.value: m for m in hint}
+        allowed = ", ".join(str(v) for v in members)
+
+        def convert_enum(value: object) -> object:
+            try:
+                return members[value]
+            except (KeyError, TypeError):
+                raise _Invalid(f"expected one of {allowed}") from None
+
+        return convert_enum
+    return _SCALARS[hint]  # a KeyError here is a bug in this module: an unsupported type
+
+
+def _dataclass_converter(cls: type[Any]) -> Converter:
+    hints = typing.get_type_hints(cls)
+    plan = [
+        (
+            f.name,
+            _converter(hints[f.name]),
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)
+    ]
+    names = frozenset(name for name, _, _ in plan)
+
+    def convert(value: object) -> object:
+        if type(value) is not dict:
+            raise _Invalid("expected an object" if value is not None else "must not be null")
+        for key in value:
+            if key not in names:
+                raise _Invalid("unknown field").at(str(key))
+        values: dict[str, object] = {}
+        for name, field_converter, required in plan:
+            if name in value:
+                try:
+                    values[name] = field_converter(value[name])
+                except _Invalid as exc:
+                    raise exc.at(name) from None
+            elif required:
+                raise _Invalid("required field is missing").at(name)
+        return cls(**values)
+
+    return convert
+
+
+def _boolean(value: object) -> object:
+    if type(value) is not bool:
+        raise _Invalid("expected true or false" if value is not None else "must not be null")
+    return value
+
+
+def _integer(value: object) -> object:
+    if type(value) is not int:
+        raise _Invalid("expected an integer" if value is not None else "must not be null")
+    return value
+
+
+def _number(value: object) -> object:
+    kind = type(value)
+    if kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise _Invalid("expected a finite number")
         return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ContractError(path, "expected an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ContractError(path, "expected a number")
-        if not math.isfinite(value):
-            raise ContractError(path, "expected a finite number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ContractError(path, "expected a string")
-        return value
-    raise TypeError(f"unsupported type {hint!r} at {path}")  # a bug in this module
+    if kind is int:
+        return float(value)  # type: ignore[arg-type]
+    raise _Invalid("expected a number" if value is not None else "must not be null")
+
+
+def _string(value: object) -> object:
+    if type(value) is not str:
+        raise _Invalid("expected a string" if value is not None else "must not be null")
+    return value
+
+
+_SCALARS: dict[object, Converter] = {bool: _boolean, int: _integer, float: _number, str: _string}
 
 
 def _join(path: str, name: str) -> str:

@@ -44,14 +44,15 @@ def _item(entry: Any, path: str) -> Item:
         raise ContractError(path, "expected an object")
     schema = entry.get("schema")
     field = f"{path}.schema" if path else "schema"
+    # The document is kept as sent once it validates: converting it back would walk it twice.
     if schema == SCHEMA:
         result = CallResult.from_dict(entry, path)
         _check_id(result.id, path)
-        return Item(result.id, "result", result.target.url, result.to_dict())
+        return Item(result.id, "result", result.target.url, entry)
     if schema == SAMPLES_SCHEMA:
         batch = SampleBatch.from_dict(entry, path)
         _check_id(batch.id, path)
-        return Item(batch.id, "samples", batch.target.url, batch.to_dict())
+        return Item(batch.id, "samples", batch.target.url, entry)
     raise ContractError(field, f"expected {SCHEMA!r} or {SAMPLES_SCHEMA!r}")
 
 

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -35,6 +35,8 @@ BATCH = 256
 "Jobs taken into one transaction, at most."
 PRUNE_EVERY_S = 3600.0
 CALLS_REMEMBERED = 10_000
+IDS_REMEMBERED = 100_000
+"Stored ids kept in memory to answer resends without a read (oldest forgotten first)."
 "Calls whose last judged second is remembered."
 PROBE_TARGET = "probe:"
 "Conditions of probe rules name the probe where others name the target."
@@ -62,7 +64,8 @@ class Item:
 class _Job(Generic[T]):
     apply: Callable[[Unit, float], T]
     future: asyncio.Future[T]
-    prepare: Callable[[], Awaitable[None]] | None = None
+    ids: tuple[str, ...] = ()
+    "Item ids the job needs to know are stored or not (looked up once per batch)."
 
 
 @dataclass
@@ -130,10 +133,10 @@ class Pipeline:
     async def _submit(
         self,
         apply: Callable[[Unit, float], T],
-        prepare: Callable[[], Awaitable[None]] | None = None,
+        ids: tuple[str, ...] = (),
     ) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(apply, future, prepare))
+        await self._queue.put(_Job(apply, future, ids))
         return await future
 
     async def _write_loop(self) -> None:
@@ -147,9 +150,10 @@ class Pipeline:
         unit = Unit(at=self.clock())
         outcomes: list[tuple[_Job[Any], Any, Exception | None]] = []
         try:
-            for job in jobs:
-                if job.prepare is not None:
-                    await job.prepare()
+            known = self._state.known
+            missing = [i for job in jobs for i in job.ids if i not in known]
+            if missing:
+                known.update(await self.store.known(missing))
             now = unit.at = self.clock()
             for job in jobs:
                 try:
@@ -166,6 +170,9 @@ class Pipeline:
             return
         for incident in written:
             self._state.incidents[incident.key] = incident
+        known = self._state.known
+        while len(known) > IDS_REMEMBERED:  # older ids are looked up in the store again
+            known.pop(next(iter(known)))
         self.metrics.committed(unit, self._state.incidents.values())
         if self._on_commit is not None and any(c.notices for c in unit.changes):
             self._on_commit()
@@ -185,11 +192,6 @@ class Pipeline:
         """Store and evaluate items from one probe; return one receipt per item."""
         known = self._state.known
 
-        async def prepare() -> None:
-            missing = [item.id for item in items if item.id not in known]
-            if missing:
-                known.update(await self.store.known(missing))
-
         def apply(unit: Unit, now: float) -> list[Receipt]:
             receipts = []
             for item in items:
@@ -202,7 +204,7 @@ class Pipeline:
             return receipts
 
         try:
-            return await self._submit(apply, prepare)
+            return await self._submit(apply, tuple(item.id for item in items))
         except Exception:
             for item in items:  # not committed: a resend must be taken as new
                 known.pop(item.id, None)
@@ -258,10 +260,13 @@ class Pipeline:
     ) -> bool:
         """Feed one evaluation; return whether the rule's incidents need a look."""
         condition = self._state.conditions.setdefault(key, Condition())
-        was_firing = condition.firing
+        was_firing, was_trivial = condition.firing, condition.trivial
         if condition.observe(rule, value, now, evidence) is None and not condition.recent:
             return False
-        unit.conditions[key] = condition.to_json()
+        # A window of healthy evaluations is as good as none: it is not written, and one
+        # that becomes healthy again is deleted. In steady state nothing is written at all.
+        if not (condition.trivial and was_trivial):
+            unit.conditions[key] = None if condition.trivial else condition.to_json()
         return condition.firing or was_firing
 
     # --- incidents from conditions --------------------------------------------------------

@@ -164,6 +164,11 @@ class Condition:
             return False
         return None
 
+    @property
+    def trivial(self) -> bool:
+        """Tell whether the state is the same as a fresh condition's for all that follows."""
+        return not self.firing and not any(self.recent)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "recent": list(self.recent),

@@ -173,7 +173,8 @@ class Unit:
     "When the changes happened: notifications are due from then."
     results: list[ResultRow] = field(default_factory=list)
     samples: list[SampleRow] = field(default_factory=list)
-    conditions: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    conditions: dict[str, Mapping[str, Any] | None] = field(default_factory=dict)
+    "Rule windows by key; None deletes one (a healthy window is the same as none)."
     probes_seen: dict[str, tuple[str, float]] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
 
@@ -677,7 +678,7 @@ def _write(db: sqlite3.Connection, unit: Unit) -> list[Incident]:
         "INSERT INTO results (id, kind, probe, region, target, received_at, status, body) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            (r.id, r.kind, r.probe, r.region, r.target, r.received_at, r.status, json.dumps(r.body))
+            (r.id, r.kind, r.probe, r.region, r.target, r.received_at, r.status, _compact(r.body))
             for r in unit.results
         ],
     )
@@ -693,7 +694,7 @@ def _write(db: sqlite3.Connection, unit: Unit) -> list[Incident]:
                 s.at,
                 s.t_s,
                 int(s.reliable),
-                json.dumps(s.body),
+                _compact(s.body),
             )
             for s in unit.samples
         ],
@@ -701,7 +702,11 @@ def _write(db: sqlite3.Connection, unit: Unit) -> list[Incident]:
     db.executemany(
         "INSERT INTO conditions (key, state) VALUES (?, ?) "
         "ON CONFLICT (key) DO UPDATE SET state = excluded.state",
-        [(key, json.dumps(state)) for key, state in unit.conditions.items()],
+        [(key, json.dumps(state)) for key, state in unit.conditions.items() if state is not None],
+    )
+    db.executemany(
+        "DELETE FROM conditions WHERE key = ?",
+        [(key,) for key, state in unit.conditions.items() if state is None],
     )
     db.executemany(
         "INSERT INTO probes_seen (probe, region, at) VALUES (?, ?, ?) "
@@ -750,6 +755,10 @@ def _write(db: sqlite3.Connection, unit: Unit) -> list[Incident]:
             ],
         )
     return written
+
+
+def _compact(document: Mapping[str, Any]) -> str:
+    return json.dumps(document, separators=(",", ":"))
 
 
 def _save_incident(db: sqlite3.Connection, incident: Incident) -> Incident:
