@@ -210,6 +210,52 @@ def _run_reflector(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- impair -------------------------------------------------------------------------------------
+
+
+def _impair_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("impair", help="impair a running reflector's calls live (or show, or clear)")
+    p.add_argument("reflector", help="the reflector's base URL, e.g. http://127.0.0.1:8089")
+    p.add_argument(
+        "params",
+        nargs="*",
+        metavar="NAME=VALUE",
+        help="loss=0.1, jitter_ms=50, audio_delay_ms=250, video_delay_ms=..., seed=..., "
+        "video_blackout=START:DURATION[:EVERY], audio_blackout=..., down=1",
+    )
+    p.add_argument("--clear", action="store_true", help="remove the live impairment")
+    p.add_argument("--token", help="the reflector's bearer token")
+    p.set_defaults(run=_run_impair)
+
+
+def _run_impair(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    params = []
+    for pair in args.params:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"{pair!r}: expected NAME=VALUE")
+        params.append((name, value))
+    url = args.reflector.rstrip("/") + "/admin/impairment"
+    method = "DELETE" if args.clear else "PUT" if params else "GET"
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    request = urllib.request.Request(url, method=method)
+    if args.token:
+        request.add_header("Authorization", f"Bearer {args.token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(response.read().decode())
+    except urllib.error.HTTPError as exc:
+        raise ValueError(
+            f"the reflector answered {exc.code}: {exc.read().decode().strip()}"
+        ) from None
+    return 0
+
+
 # --- monitor ----------------------------------------------------------------------------------
 
 
@@ -319,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _probe_parser(sub)
     _reflector_parser(sub)
+    _impair_parser(sub)
     _monitor_parser(sub)
     _token_parser(sub)
     _demo_parser(sub)

@@ -94,6 +94,10 @@ class CallOptions:
     region: str | None = None
     overload_lag_s: float = 0.025
     "Event-loop lag above which a second is marked unreliable."
+    call_id: str | None = None
+    "Id of the result; an agent that streams the seconds of a long call uses it as call id."
+    keep_samples: bool = True
+    "False when the seconds were already sent as they came (long-held calls)."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +159,8 @@ class ProbeCall:
         self._last_keyframe_request = -1e9
         self._video_track: LoopVideoTrack | None = None
         self._tasks = TaskGroup()
+        self._stop = asyncio.Event()
+        self.id = options.call_id or str(uuid.uuid4())
         self._route: Route | None = None
         self._session_id: str | None = None
 
@@ -262,7 +268,8 @@ class ProbeCall:
             next_tick = self._media_start + tick
             if next_tick > end + 1e-6:
                 break
-            await self._until(asyncio.sleep(max(0.0, next_tick - self._clock())), None, None)
+            if await self._pause(next_tick - self._clock()):
+                break
             sample = await self._sample(float(tick))
             self._samples.append(sample)
             self._on_progress(
@@ -275,6 +282,18 @@ class ProbeCall:
             )
             self._check_media_flowing()
             tick += 1
+
+    def stop(self) -> None:
+        """End the call at its next second (an agent shutting down or reconfigured)."""
+        self._stop.set()
+
+    async def _pause(self, delay: float) -> bool:
+        """Wait until the next second; return True if the call was asked to stop."""
+        try:
+            await self._until(asyncio.wait_for(self._stop.wait(), max(0.0, delay)), None, None)
+        except TimeoutError:
+            return False
+        return True
 
     async def _close(self, pc: RTCPeerConnection, session: SignalingSession) -> None:
         with contextlib.suppress(Exception):
@@ -486,7 +505,7 @@ class ProbeCall:
         degradations = [] if failure else evaluate(self._phases, summary, options.thresholds)
         status = Status.FAILED if failure else Status.DEGRADED if degradations else Status.OK
         return CallResult(
-            id=str(uuid.uuid4()),
+            id=self.id,
             started_at=started_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             target=Target(url=options.url, signaling=options.signaling, session=self._session_id),
             route=self._route,
@@ -500,7 +519,7 @@ class ProbeCall:
             thresholds=options.thresholds,
             phases=self._phases,
             summary=summary,
-            samples=self._samples,
+            samples=self._samples if options.keep_samples else [],
         )
 
     def _summary(self) -> Summary:

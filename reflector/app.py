@@ -73,6 +73,9 @@ class Call:
     id: str
     pc: RTCPeerConnection
     impairment: Impairment
+    "What is applied now: the call's own (from its URL), or the live one."
+    own: bool
+    "The call brought its own impairment; live changes leave it alone."
     created: float
     origin: MediaOrigin
     forwarders: dict[str, Forwarder] = field(default_factory=dict)
@@ -88,8 +91,10 @@ class Call:
         applied: dict[str, object] = {}
         for kind, forwarder in self.forwarders.items():
             entry: dict[str, object] = {"frames_forwarded": forwarder.forwarded}
-            if forwarder.record is not None:
-                entry["blackout"] = forwarder.record.as_dict()
+            periods = [forwarder.records[k].as_dict() for k in sorted(forwarder.records)]
+            if periods:
+                entry["blackout"] = periods[0]
+                entry["blackouts"] = periods
             applied[kind] = entry
         if self.wire is not None:
             for kind, wire in self.wire.report(packets=packets).items():
@@ -115,6 +120,13 @@ class Registry:
     "Calls whose answer is being made: they hold a slot already."
     enders: TaskGroup = field(default_factory=TaskGroup)
     "Hang-ups started by timers."
+
+    live_impairment: Impairment | None = None
+    "Set by an operator (PUT /admin/impairment) for every call without its own."
+    live_since: float = 0.0
+    "When it was set (monotonic): its blackouts are timed from then."
+    down: bool = False
+    "Playing dead: new calls get 503 and live calls were hung up."
 
     def get(self, call_id: str) -> Call | None:
         return self.live.get(call_id) or self.ended.get(call_id)
@@ -167,6 +179,9 @@ def create_app(config: ReflectorConfig) -> web.Application:
     app.router.add_get(base + "/{id}", get_call)
     app.router.add_delete(base + "/{id}", delete_call)
     app.router.add_patch(base + "/{id}", patch_call)
+    app.router.add_get("/admin/impairment", get_live_impairment)
+    app.router.add_put("/admin/impairment", put_live_impairment)
+    app.router.add_delete("/admin/impairment", delete_live_impairment)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", make_aiohttp_handler(app[METRICS].registry))
     app.on_shutdown.append(_hang_up_all)
@@ -238,6 +253,11 @@ async def post_offer(request: web.Request) -> web.Response:
         impairment = Impairment.from_query(request.query)
     except ValueError as exc:
         raise _reject(web.HTTPBadRequest, f"bad query parameter: {exc}") from None
+    if calls.down:
+        raise _reject(
+            web.HTTPServiceUnavailable,
+            "down on purpose (PUT /admin/impairment?down=1); DELETE /admin/impairment to end",
+        )
     if len(calls.live) + calls.starting >= config.max_calls:
         raise _reject(
             web.HTTPServiceUnavailable,
@@ -252,16 +272,20 @@ async def post_offer(request: web.Request) -> web.Response:
     if not offer.lstrip().startswith("v=0"):
         raise _reject(web.HTTPBadRequest, "body is not an SDP offer (must start with v=0)")
 
+    own = bool(request.query)
+    live = calls.live_impairment
     call = Call(
         id=secrets.token_urlsafe(12),
         pc=RTCPeerConnection(config.ice.configuration()),
-        impairment=impairment,
+        impairment=impairment if own or live is None else live,
+        own=own,
         created=time.monotonic(),
         origin=MediaOrigin(),
     )
     calls.starting += 1  # the slot is taken while the answer is being made
     try:
         answer = await _answer(call, offer, config)
+        impair(call, call.impairment, None if own or live is None else calls.live_since)
     except ValueError as exc:
         await call.pc.close()
         raise _reject(web.HTTPBadRequest, f"malformed SDP offer: {exc}") from None
@@ -312,10 +336,19 @@ async def _answer(call: Call, offer: str, config: ReflectorConfig) -> str:
         streams[rtx_ssrc] = (transceiver.kind, True)
     with aiortc_hooks.host_addresses(config.ice.host_addresses()):
         await pc.setLocalDescription(await pc.createAnswer())
-    if call.impairment.on_wire:
-        call.wire = WireImpairment(call.impairment, streams, asyncio.get_running_loop())
-        aiortc_hooks.wrap_rtp_send(aiortc_hooks.dtls_transport(pc), call.wire.wrap)
+    # Always on the send path, even unimpaired: a live impairment can come at any time.
+    call.wire = WireImpairment(call.impairment, streams, asyncio.get_running_loop())
+    aiortc_hooks.wrap_rtp_send(aiortc_hooks.dtls_transport(pc), call.wire.wrap)
     return str(pc.localDescription.sdp)
+
+
+def impair(call: Call, impairment: Impairment, epoch: float | None) -> None:
+    """Apply an impairment to a call, blackouts timed from `epoch` (None: media start)."""
+    call.impairment = impairment
+    if call.wire is not None:
+        call.wire.impairment = impairment
+    for kind, forwarder in call.forwarders.items():
+        forwarder.set_blackout(impairment.blackout(kind), epoch)
 
 
 def _forward(call: Call, transceiver: RTCRtpTransceiver) -> Forwarder:
@@ -329,14 +362,7 @@ def _forward(call: Call, transceiver: RTCRtpTransceiver) -> Forwarder:
         if ssrc is not None:
             call.tasks.spawn(aiortc_hooks.send_pli(receiver, ssrc))
 
-    forwarder = Forwarder(
-        kind,
-        CLOCK_RATES[kind],
-        track,
-        call.origin,
-        request_keyframe,
-        call.impairment.blackout(kind),
-    )
+    forwarder = Forwarder(kind, CLOCK_RATES[kind], track, call.origin, request_keyframe)
 
     def on_packet(packet: RtpPacket, arrival: float) -> None:
         upstream.setdefault("ssrc", packet.ssrc)
@@ -375,6 +401,63 @@ async def patch_call(request: web.Request) -> web.Response:
         ["GET", "DELETE"],
         text="trickle ICE and ICE restarts are not supported: send a full offer\n",
     )
+
+
+def _live_json(calls: Registry) -> web.Response:
+    live = calls.live_impairment
+    return web.json_response(
+        {
+            "impairment": None if live is None else live.as_dict(),
+            "down": calls.down,
+            "calls_affected": sum(1 for c in calls.live.values() if not c.own),
+        }
+    )
+
+
+async def get_live_impairment(request: web.Request) -> web.Response:
+    _authorize(request)
+    return _live_json(request.app[CALLS])
+
+
+async def put_live_impairment(request: web.Request) -> web.Response:
+    """Impair every call without its own impairment, live, from now: a game day.
+
+    The same parameters as on the WHIP URL (blackouts timed from now and optionally
+    repeating: START:DURATION:EVERY), plus `down=1` to play dead (503 to new calls,
+    live calls hung up).
+    """
+    _authorize(request)
+    calls = request.app[CALLS]
+    query = dict(request.query)
+    down = query.pop("down", "0")
+    if down not in ("0", "1", "true", "false"):
+        raise _reject(web.HTTPBadRequest, "bad query parameter: down: expected 1 or 0")
+    try:
+        impairment = Impairment.from_query(query)
+    except ValueError as exc:
+        raise _reject(web.HTTPBadRequest, f"bad query parameter: {exc}") from None
+    calls.live_impairment = impairment
+    calls.live_since = time.monotonic()
+    calls.down = down in ("1", "true")
+    for call in list(calls.live.values()):
+        if calls.down:
+            await _end(request.app, call, "down")
+        elif not call.own:
+            impair(call, impairment, calls.live_since)
+    log.info("live impairment: %s%s", impairment.as_dict(), " (down)" if calls.down else "")
+    return _live_json(calls)
+
+
+async def delete_live_impairment(request: web.Request) -> web.Response:
+    _authorize(request)
+    calls = request.app[CALLS]
+    calls.live_impairment = None
+    calls.down = False
+    for call in calls.live.values():
+        if not call.own:
+            impair(call, Impairment(), None)
+    log.info("live impairment cleared")
+    return _live_json(calls)
 
 
 async def options_endpoint(request: web.Request) -> web.Response:

@@ -88,14 +88,15 @@ class MediaOrigin:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.at: float | None = None
-        self.listeners: list[Callable[[float], None]] = []
 
     def mark(self) -> float:
         if self.at is None:
             self.at = self.clock()
-            for listener in self.listeners:
-                listener(self.at)
         return self.at
+
+
+# Periods of a repeating blackout whose record is kept.
+RECORDS_KEPT = 100
 
 
 class Forwarder:
@@ -108,27 +109,45 @@ class Forwarder:
         track: ForwardTrack,
         origin: MediaOrigin,
         request_keyframe: Callable[[], None],
-        blackout: Blackout | None,
     ) -> None:
         self.kind = kind
         self._time_base = fractions.Fraction(1, clock_rate)
         self._track = track
         self._origin = origin
         self._request_keyframe = request_keyframe
-        self._blackout = blackout
         self._timestamp_origin: int | None = None
         self._waiting_keyframe = kind == "video"
         self._last_pli = -1e9
+        self._blackout: Blackout | None = None
+        self._epoch: float | None = None
+        self._resumed: set[int] = set()
+        self._resume_asked: set[int] = set()
+        self._last_forwarded: float | None = None
         self.forwarded = 0
-        self.record = BlackoutRecord() if blackout else None
-        if blackout and kind == "video":
-            origin.listeners.append(self._schedule_resume)
+        self.records: dict[int, BlackoutRecord] = {}
+        "What each period of the blackout did, by period."
+
+    def set_blackout(self, blackout: Blackout | None, epoch: float | None = None) -> None:
+        """Apply a blackout, timed from `epoch` (monotonic), or from media start if None."""
+        self._blackout = blackout
+        self._epoch = epoch
+        self._resumed.clear()
+        self._resume_asked.clear()
+        self.records = {}
 
     def on_frame(self, frame: EncodedFrame) -> None:
         t = frame.complete_at - self._origin.mark()
-        if self._in_blackout(t, frame):
-            assert self.record is not None
-            self.record.frames_dropped += 1
+        period = self._blacked_out(frame)
+        if period is not None:
+            record = self.records.get(period)
+            if record is None:
+                record = self.records[period] = BlackoutRecord(last_before_at=self._last_forwarded)
+                while len(self.records) > RECORDS_KEPT:
+                    del self.records[min(self.records)]
+            record.frames_dropped += 1
+            if self.kind == "video":
+                self._waiting_keyframe = True
+                self._ask_resume(period)
             return
         if self.kind == "video" and not self._video_may_pass(frame):
             return
@@ -139,23 +158,37 @@ class Forwarder:
         packet.time_base = self._time_base
         self._track.push(packet)
         self.forwarded += 1
-        if self.record is not None and self._blackout is not None:
-            if t < self._blackout.start_s:
-                self.record.last_before_at = t
-            elif self.record.first_after_at is None:
-                self.record.first_after_at = t
+        self._last_forwarded = t
+        for record in self.records.values():
+            if record.first_after_at is None:
+                record.first_after_at = t
 
-    def _in_blackout(self, t: float, frame: EncodedFrame) -> bool:
+    def _blacked_out(self, frame: EncodedFrame) -> int | None:
+        """Return the blackout period this frame falls in, if it is to be dropped."""
         b = self._blackout
-        if b is None or t < b.start_s:
-            return False
-        if self.kind == "audio":
-            return t < b.end_s
-        return (
-            self.record is not None
-            and self.record.first_after_at is None
-            and not (frame.keyframe and t >= b.end_s - RESUME_LEAD_S)
-        )
+        if b is None:
+            return None
+        epoch = self._epoch if self._epoch is not None else self._origin.mark()
+        t = frame.complete_at - epoch
+        period = b.period(t)
+        if period is None or period in self._resumed:
+            return None
+        # Video resumes early on the keyframe asked for just before the end (see
+        # RESUME_LEAD_S), so the picture comes back whole and close to the end.
+        if self.kind == "video" and frame.keyframe and t >= b.end_s(period) - RESUME_LEAD_S:
+            self._resumed.add(period)
+            return None
+        return period
+
+    def _ask_resume(self, period: int) -> None:
+        """Ask upstream for a keyframe timed to arrive as the period ends."""
+        if period in self._resume_asked or self._blackout is None:
+            return
+        self._resume_asked.add(period)
+        epoch = self._epoch if self._epoch is not None else self._origin.mark()
+        when = epoch + self._blackout.end_s(period) - RESUME_LEAD_S
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.0, when - self._origin.clock()), self.keyframe_upstream)
 
     def _video_may_pass(self, frame: EncodedFrame) -> bool:
         """Forward only a decodable chain: from a keyframe, with nothing lost since."""
@@ -173,9 +206,3 @@ class Forwarder:
         if now - self._last_pli >= PLI_MIN_INTERVAL_S:
             self._last_pli = now
             self._request_keyframe()
-
-    def _schedule_resume(self, origin_at: float) -> None:
-        assert self._blackout is not None
-        loop = asyncio.get_running_loop()
-        resume = origin_at + self._blackout.end_s - RESUME_LEAD_S
-        loop.call_later(max(0.0, resume - self._origin.clock()), self.keyframe_upstream)

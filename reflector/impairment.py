@@ -34,12 +34,23 @@ MAX_RECORDS = 100_000
 @dataclass(frozen=True)
 class Blackout:
     start_s: float
-    "Seconds after media started."
+    "Seconds after the epoch: media start for a call's own, the change for a live one."
     duration_s: float
+    every_s: float | None = None
+    "Repeat every this many seconds; once if None."
 
-    @property
-    def end_s(self) -> float:
-        return self.start_s + self.duration_s
+    def period(self, t: float) -> int | None:
+        """Return which repetition `t` (seconds after the epoch) falls in, if any."""
+        if t < self.start_s:
+            return None
+        k = int((t - self.start_s) // self.every_s) if self.every_s else 0
+        return k if t < self.end_s(k) else None
+
+    def start_at(self, k: int) -> float:
+        return self.start_s + k * (self.every_s or 0.0)
+
+    def end_s(self, k: int = 0) -> float:
+        return self.start_at(k) + self.duration_s
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +114,11 @@ class Impairment:
         }
         for name in ("video_blackout", "audio_blackout"):
             b: Blackout | None = getattr(self, name)
-            out[name] = None if b is None else {"start_s": b.start_s, "duration_s": b.duration_s}
+            out[name] = (
+                None
+                if b is None
+                else {"start_s": b.start_s, "duration_s": b.duration_s, "every_s": b.every_s}
+            )
         return out
 
 
@@ -118,10 +133,14 @@ def _number(name: str, text: str, low: float, high: float) -> float:
 
 
 def _blackout(name: str, text: str) -> Blackout:
-    start, sep, duration = text.partition(":")
-    if not sep:
-        raise ValueError(f"{name}: expected START:DURATION in seconds, got {text!r}")
-    return Blackout(_number(name, start, 0, 86_400), _number(name, duration, 0, 86_400))
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"{name}: expected START:DURATION[:EVERY] in seconds, got {text!r}")
+    start, duration = _number(name, parts[0], 0, 86_400), _number(name, parts[1], 0, 86_400)
+    every = _number(name, parts[2], 0.1, 86_400) if len(parts) == 3 else None
+    if every is not None and every <= duration:
+        raise ValueError(f"{name}: EVERY must be longer than DURATION")
+    return Blackout(start, duration, every)
 
 
 @dataclass(slots=True)
@@ -169,6 +188,11 @@ class WireImpairment:
         async def impaired(data: bytes) -> None:
             stream = None if is_rtcp(data) or len(data) < 12 else self._streams.get(_ssrc(data))
             if stream is None:  # RTCP and unknown streams are not impaired
+                await send(data)
+                return
+            if not self.impairment.on_wire and not stream.queue:
+                # nothing to do (a live impairment may come later): straight through
+                stream.sent += 1
                 await send(data)
                 return
             self._apply(stream, data, send)

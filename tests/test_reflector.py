@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -127,3 +131,49 @@ async def test_it_reports_health_and_metrics() -> None:
         assert health["calls_active"] == 0
         assert health["max_calls"] == 20
         assert 'callmon_reflector_calls_total{reason="deleted"} 1.0' in metrics
+
+
+async def test_a_live_impairment_reaches_calls_in_progress_and_down_plays_dead() -> None:
+    async with running(ReflectorConfig(port=0, ice=LOOPBACK)) as url:
+        base = url.rsplit("/whip", 1)[0]
+        probe = asyncio.create_task(call(url, 8))
+        await asyncio.sleep(3.0)
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "callmon.cli", "impair", base, "audio_delay_ms=150"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["calls_affected"] == 1
+        result = await probe
+        offsets = [s.av_offset_s for s in result.samples if s.av_offset_s is not None]
+        # before the change the call was in sync; after it, audio is 150 ms behind
+        assert abs(offsets[0]) < 0.01, offsets
+        assert offsets[-1] == pytest.approx(-0.150, abs=0.015), offsets
+
+        # a new call gets the live impairment from its start too
+        second = await call(url, 3)
+        assert second.summary.av_offset_s == pytest.approx(-0.150, abs=0.015)
+
+        # down: calls in progress end, new ones are refused, until cleared
+        probe = asyncio.create_task(call(url, 8, media_timeout_s=2))
+        await asyncio.sleep(2.5)
+        async with aiohttp.ClientSession() as http:
+            async with http.put(base + "/admin/impairment?down=1") as response:
+                assert (await response.json())["down"] is True
+            broken = await probe
+            assert broken.failure is not None
+            assert broken.failure.phase is Phase.CALL
+            refused = await call(url, 1)
+            assert refused.failure is not None
+            assert "HTTP 503" in refused.failure.reason
+            async with http.delete(base + "/admin/impairment") as response:
+                assert (await response.json()) == {
+                    "impairment": None,
+                    "down": False,
+                    "calls_affected": 0,
+                }
+        healthy = await call(url, 2)
+        assert healthy.status is Status.OK
