@@ -210,6 +210,39 @@ def _run_reflector(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- agent ---------------------------------------------------------------------------------------
+
+
+def _agent_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("agent", help="probe a region's targets on a schedule or continuously")
+    p.add_argument("--config", required=True, type=Path, metavar="FILE", help="agent.yaml")
+    p.set_defaults(run=_run_agent)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from probes.agent import AgentError, run_agent
+    from probes.agentconfig import load_agent_config
+
+    config = load_agent_config(args.config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await run_agent(config, stop)
+
+    try:
+        asyncio.run(main())
+    except AgentError as exc:
+        raise ValueError(str(exc)) from None
+    return 0
+
+
 # --- impair -------------------------------------------------------------------------------------
 
 
@@ -365,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _probe_parser(sub)
     _reflector_parser(sub)
+    _agent_parser(sub)
     _impair_parser(sub)
     _monitor_parser(sub)
     _token_parser(sub)

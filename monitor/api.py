@@ -19,7 +19,7 @@ from callmon.callresult import ContractError
 from monitor import incidents
 from monitor.alertmanager import parse_webhook
 from monitor.auth import Tokens
-from monitor.config import MonitorConfig
+from monitor.config import MonitorConfig, ProbeIdentity
 from monitor.errors import bad_request, error
 from monitor.incidents import Change, Incident, Severity
 from monitor.ingest import parse_items, read_json
@@ -60,6 +60,22 @@ async def post_results(request: web.Request) -> web.Response:
             "results": [{"id": r.id, "received_at": iso(r.received_at)} for r in receipts],
         }
     )
+
+
+@routes.get("/api/v1/whoami")
+async def whoami(request: web.Request) -> web.Response:
+    """Tell a caller who its token says it is (agents check their token at start)."""
+    identity = request.app[TOKENS].who(request)
+    if isinstance(identity, ProbeIdentity):
+        return _json(
+            {
+                "role": "probe",
+                "name": identity.name,
+                "region": identity.region,
+                "interval_s": identity.interval_s,
+            }
+        )
+    return _json({"role": "operator", "name": identity.name})
 
 
 # --- Alertmanager ---------------------------------------------------------------------------

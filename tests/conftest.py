@@ -39,9 +39,11 @@ class Reflector:
     log: Path
 
 
-def start_reflector(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], Reflector]:
-    """Start `callmon reflector` on loopback and wait until it serves."""
-    port = free_port()
+def start_reflector(
+    tmp: Path, *args: str, port: int | None = None
+) -> tuple[subprocess.Popen[bytes], Reflector]:
+    """Start `callmon reflector` on loopback (a free port by default), wait until it serves."""
+    port = port or free_port()
     log = tmp / f"reflector-{port}.log"
     process = subprocess.Popen(
         [
