@@ -353,43 +353,31 @@ def _run_token(args: argparse.Namespace) -> int:
 
 def _demo_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
-        "demo", help="start a reflector on loopback and hold one probe call against it"
+        "demo",
+        help="run a monitor, a reflector and two agents on loopback, with a webhook sink",
     )
-    p.add_argument("--duration", type=float, default=10.0, metavar="S")
+    p.add_argument("--dir", type=Path, default=Path("callmon-demo"), help="data and logs")
     p.add_argument(
-        "--impair",
-        default="",
-        metavar="QUERY",
-        help="fault injection for the call, e.g. 'video_blackout=3:0.8&jitter_ms=40'",
+        "--base-port",
+        type=int,
+        default=8090,
+        help="monitor on it, reflector +1, webhook sink +2, agents +3 and +4",
+    )
+    p.add_argument(
+        "--tour",
+        action="store_true",
+        help="degrade the reflector by itself: an incident opens, notifies and resolves",
+    )
+    p.add_argument(
+        "--duration", type=float, metavar="S", help="stop after this long (default: Ctrl-C)"
     )
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from callmon.callresult import Status
-    from probes.call import CallOptions, run_call
-    from probes.ice import IceOptions
-    from probes.report import LiveLine, render
-    from reflector.app import ReflectorConfig, running
+    from callmon.demo import run_demo
 
-    loopback = IceOptions(hosts=("127.0.0.1",))
-
-    async def demo() -> int:
-        config = ReflectorConfig(port=0, ice=loopback)
-        async with running(config) as url:
-            target = f"{url}?{args.impair}" if args.impair else url
-            print(f"reflector listening at {url}; calling {target}", flush=True)
-            live = LiveLine()
-            try:
-                result = await run_call(
-                    CallOptions(url=target, duration_s=args.duration, ice=loopback), live
-                )
-            finally:
-                live.close()
-        print(render(result))
-        return list(Status).index(result.status)
-
-    return asyncio.run(demo())
+    return asyncio.run(run_demo(args.dir, args.base_port, tour=args.tour, duration_s=args.duration))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import Reflector, free_port
 
@@ -72,8 +73,46 @@ def test_usage_errors_exit_64_with_a_message() -> None:
         assert message in done.stderr, (args, done.stderr)
 
 
-def test_the_demo_runs_end_to_end() -> None:
-    done = run("demo", "--duration", "2", timeout=90)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "reflector listening at http://127.0.0.1:" in done.stdout
-    assert "status: OK" in done.stdout
+def test_the_demo_tells_the_whole_story(tmp_path: Path) -> None:
+    """The README's first command: a degraded reflector opens an incident, notifies the
+    sink, and the incident resolves when the degradation ends."""
+    base = free_port_block(5)
+    done = run(
+        "demo",
+        "--tour",
+        "--duration",
+        "0",
+        "--dir",
+        str(tmp_path / "demo"),
+        "--base-port",
+        str(base),
+        timeout=240,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert f"monitor      http://127.0.0.1:{base}" in out
+    assert "tour: incident open" in out
+    assert ">> webhook: trigger" in out
+    assert ">> webhook: resolve" in out
+    assert "tour: resolved" in out
+    assert (tmp_path / "demo" / "monitor.sqlite3").exists()
+
+
+def free_port_block(count: int) -> int:
+    """Return a port p such that p .. p+count-1 are free now."""
+    import socket
+
+    for base in range(20000, 30000, 17):
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free block of ports")
