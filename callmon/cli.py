@@ -377,7 +377,8 @@ def _demo_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from callmon.demo import run_demo
 
-    return asyncio.run(run_demo(args.dir, args.base_port, tour=args.tour, duration_s=args.duration))
+    folder = args.dir.resolve()  # the children run inside it
+    return asyncio.run(run_demo(folder, args.base_port, tour=args.tour, duration_s=args.duration))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

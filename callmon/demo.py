@@ -197,10 +197,7 @@ async def run_demo(
         loop.add_signal_handler(signum, stop.set)
     async with sink(ports.sink, say) as received:
         try:
-            say(
-                "starting the reflector, the monitor and two agents (logs in "
-                f"{folder}) ..."
-            )
+            say(f"starting the reflector, the monitor and two agents (logs in {folder}) ...")
             await asyncio.to_thread(
                 processes.start,
                 "reflector",
