@@ -245,6 +245,10 @@ class Pipeline:
             values: list[Any] = []
             if rule.source is Source.RESULT and item.kind == "result":
                 values = [value_at(body, rule.metric)]
+            elif rule.source is Source.RESULT and rule.samples_value and _has_media(samples):
+                # a long-held call reports its status only when it ends; seconds with
+                # media in the meantime say it works now
+                values = [rule.samples_value]
             elif rule.source is Source.SAMPLE:
                 # samples the probe marked unreliable (its own overload) never count
                 values = [value_at(s, rule.metric) for s in samples if s.get("reliable", True)]
@@ -476,6 +480,14 @@ class Pipeline:
             (d for i in self._state.incidents.values() if (d := incidents.next_deadline(i))),
             default=None,
         )
+
+
+def _has_media(samples: list[Any]) -> bool:
+    return any(
+        (value_at(s, "audio.packets") or 0) + (value_at(s, "video.packets") or 0) > 0
+        for s in samples
+        if s.get("reliable", True)
+    )
 
 
 def _details(

@@ -62,6 +62,8 @@ class Rule:
     description: str = ""
     raise_at: tuple[Tiered, ...] = ()
     "Further thresholds that raise the severity, most severe last."
+    samples_value: str | None = None
+    "For result rules: what a batch of seconds with media counts as (a call working now)."
 
     def breached(self, value: Any) -> bool | None:
         """Tell whether `value` breaches; None when there is no value to judge."""
@@ -233,6 +235,7 @@ _KNOWN = {
     "close_after",
     "severity",
     "raise_at",
+    "samples_value",
 }
 
 
@@ -282,7 +285,15 @@ def _rule(entry: Any, where: str) -> Rule:
         close_after=close_after,
         description=str(entry.get("description", "")),
         raise_at=raise_at,
+        samples_value=_optional_text(entry, "samples_value", where),
     )
+
+
+def _optional_text(entry: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = entry.get(key)
+    if value is not None and not isinstance(value, str):
+        raise RuleError(f"{where}.{key}: expected text")
+    return value
 
 
 def _threshold(value: Any, op: str, where: str) -> float | str | tuple[float, float]:

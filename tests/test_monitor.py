@@ -492,3 +492,20 @@ async def test_results_older_than_the_retention_period_are_removed(tmp_path: Pat
         await m.pipeline.tick()
         assert await m.store.result(old["id"]) is None
         assert await m.store.result(fresh["id"]) is not None
+
+
+async def test_a_continuous_call_that_works_again_clears_call_failed(tmp_path: Path) -> None:
+    """A long-held call reports its status when it ends; its seconds say it works now."""
+    clock = Clock()
+    async with monitor(make_config(tmp_path), clock) as m:
+        for _ in range(2):  # the call broke, and the first reconnect failed too
+            clock.advance(1)
+            await m.send("probe-eu", failed(TARGET_A))
+        (down,) = await incidents(m, state="open")
+        assert down["rule"] == "call_failed"
+        clock.advance(1)
+        await m.send("probe-eu", batch("call-2", [sample(1.0)]))
+        assert (await incidents(m, state="open")) != [], "one working batch is not enough"
+        clock.advance(1)
+        await m.send("probe-eu", batch("call-2", [sample(2.0)]))
+        assert await incidents(m, state="open") == []
