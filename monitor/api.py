@@ -18,13 +18,14 @@ from aiohttp import web
 from callmon.callresult import ContractError
 from monitor import incidents
 from monitor.alertmanager import parse_webhook
-from monitor.auth import Tokens
+from monitor.auth import SESSION_COOKIE, SESSION_S, Tokens
 from monitor.config import MonitorConfig, ProbeIdentity
 from monitor.errors import bad_request, error
 from monitor.incidents import Change, Incident, Severity
 from monitor.ingest import parse_items, read_json
 from monitor.metrics import Metrics
 from monitor.pipeline import Pipeline
+from monitor.rules import value_at
 from monitor.store import Silence, Store, incident_json, iso
 
 CONFIG = web.AppKey("config", MonitorConfig)
@@ -110,7 +111,7 @@ async def post_alertmanager(request: web.Request) -> web.Response:
 @routes.get("/api/v1/incidents")
 async def list_incidents(request: web.Request) -> web.Response:
     app = request.app
-    app[TOKENS].operator(request)
+    _reader(request)
     query = request.query
     state = query.get("state")
     if state not in (None, "open", *[s.value for s in incidents.State]):
@@ -133,7 +134,7 @@ async def list_incidents(request: web.Request) -> web.Response:
 @routes.get("/api/v1/incidents/{id}")
 async def get_incident(request: web.Request) -> web.Response:
     app = request.app
-    app[TOKENS].operator(request)
+    _reader(request)
     store = app[STORE]
     incident = await store.incident(_incident_id(request))
     if incident is None:
@@ -295,7 +296,7 @@ def _silence_json(silence: Silence) -> dict[str, Any]:
 @routes.get("/api/v1/silences")
 async def list_silences(request: web.Request) -> web.Response:
     app = request.app
-    app[TOKENS].operator(request)
+    _reader(request)
     active = request.query.get("active") in ("1", "true")
     now = app[PIPELINE].clock()
     found = await app[STORE].silences(active_at=now if active else None)
@@ -364,6 +365,131 @@ async def healthz(request: web.Request) -> web.Response:
             "status": "ok",
             "open_incidents": len(pipeline.open_incidents()),
             "started_at": iso(pipeline.started_at),
+        }
+    )
+
+
+def _reader(request: web.Request) -> None:
+    """Let an operator read, or anyone when the configuration allows anonymous reading."""
+    request.app[TOKENS].reader(request, request.app[CONFIG].anonymous_read)
+
+
+# --- sessions (the web UI) --------------------------------------------------------------------
+
+
+@routes.post("/api/v1/session")
+async def sign_in(request: web.Request) -> web.Response:
+    body = await read_json(request, 4096)
+    token = body.get("token") if isinstance(body, dict) else None
+    if not isinstance(token, str) or not token:
+        raise bad_request("token is required", "token")
+    signed = request.app[TOKENS].sign_in(token)
+    if signed is None:
+        raise error(web.HTTPUnauthorized, "not an operator token")
+    operator, session = signed
+    response = _json({"operator": operator.name})
+    response.set_cookie(
+        SESSION_COOKIE,
+        session,
+        httponly=True,
+        samesite="Strict",
+        path="/",
+        max_age=int(SESSION_S),
+        secure=request.secure,
+    )
+    return response
+
+
+@routes.get("/api/v1/session")
+async def current_session(request: web.Request) -> web.Response:
+    operator = request.app[TOKENS].operator(request)
+    return _json({"operator": operator.name, "anonymous_read": request.app[CONFIG].anonymous_read})
+
+
+@routes.delete("/api/v1/session")
+async def sign_out(request: web.Request) -> web.Response:
+    request.app[TOKENS].sign_out(request)
+    response = _json({"operator": None})
+    response.del_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+# --- what the probes see ------------------------------------------------------------------------
+
+
+@routes.get("/api/v1/matrix")
+async def matrix(request: web.Request) -> web.Response:
+    """Targets x regions: the latest numbers of each pair and the rules firing for it."""
+    _reader(request)
+    app = request.app
+    now = app[PIPELINE].clock()
+    firing = app[PIPELINE].firing()
+    cells = app[METRICS].matrix(now)
+    for cell in cells:
+        cell["firing"] = firing.get((cell["target"], cell["region"]), [])
+    return _json(
+        {
+            "generated_at": iso(now),
+            "targets": sorted({c["target"] for c in cells}),
+            "regions": sorted({c["region"] for c in cells}),
+            "cells": cells,
+        }
+    )
+
+
+SAMPLE_FIELDS = (
+    "rtt_s",
+    "av_offset_s",
+    "mos",
+    "audio.jitter_s",
+    "video.jitter_s",
+    "audio.loss",
+    "video.loss",
+    "audio.delay_s",
+    "video.delay_s",
+    "video.fps",
+    "video.freezes",
+    "video.freeze_s",
+    "audio.gaps",
+    "audio.gap_s",
+)
+
+
+@routes.get("/api/v1/samples")
+async def samples(request: web.Request) -> web.Response:
+    """Per-second samples of a target (and region) over a time window, for charts."""
+    _reader(request)
+    app = request.app
+    query = request.query
+    target = query.get("target")
+    if not target:
+        raise bad_request("target is required", "target")
+    now = app[PIPELINE].clock()
+    until = _time(query["until"], "until") if "until" in query else now
+    since = _time(query["since"], "since") if "since" in query else until - 900
+    if since >= until:
+        raise bad_request("since must be before until", "since")
+    limit = _int(query.get("limit", "5000"), "limit", 1, 50_000)
+    rows = await app[STORE].samples(
+        target=target, region=query.get("region"), since=since, until=until, limit=limit
+    )
+    return _json(
+        {
+            "target": target,
+            "since": iso(since),
+            "until": iso(until),
+            "samples": [
+                {
+                    "at": iso(row.at),
+                    "region": row.region,
+                    "probe": row.probe,
+                    "call_id": row.call_id,
+                    "t_s": row.t_s,
+                    "reliable": row.reliable,
+                    **{name: value_at(row.body, name) for name in SAMPLE_FIELDS},
+                }
+                for row in rows
+            ],
         }
     )
 

@@ -3,23 +3,63 @@
 A probe token identifies the probe and its region, so nothing a probe sends can claim
 another identity. Operators act on incidents. Each role is refused the other's routes
 with 403; an unknown or missing token is a 401.
+
+The web UI signs an operator in once with the token and then holds a session cookie
+(HttpOnly, SameSite=Strict). A write made with the cookie must also carry the
+`X-Callmon-Request` header, which a page of another site cannot add: no cross-site forgery.
+Sessions live in memory: a restart signs everyone out, which costs one sign-in.
 """
 
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+import secrets
+import time
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from monitor.config import MonitorConfig, OperatorIdentity, ProbeIdentity, token_digest
 from monitor.errors import error
 
+SESSION_COOKIE = "callmon_session"
+SESSION_S = 12 * 3600.0
+CSRF_HEADER = "X-Callmon-Request"
+
 
 @dataclass(frozen=True)
 class Tokens:
     probes: dict[str, ProbeIdentity]
     operators: dict[str, OperatorIdentity]
+    sessions: dict[str, tuple[OperatorIdentity, float]] = field(default_factory=dict)
+    "Session id -> (operator, expiry, monotonic)."
+
+    def sign_in(self, token: str) -> tuple[OperatorIdentity, str] | None:
+        """Open a session for an operator token; None if it is not one."""
+        digest = token_digest(token.strip())
+        operator = next(
+            (o for known, o in self.operators.items() if hmac.compare_digest(known, digest)),
+            None,
+        )
+        if operator is None:
+            return None
+        session = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        for stale in [s for s, (_, until) in self.sessions.items() if until < now]:
+            del self.sessions[stale]
+        self.sessions[session] = (operator, now + SESSION_S)
+        return operator, session
+
+    def sign_out(self, request: web.Request) -> None:
+        self.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
+
+    def _session(self, request: web.Request) -> OperatorIdentity | None:
+        entry = self.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        if request.method not in ("GET", "HEAD") and CSRF_HEADER not in request.headers:
+            raise forbidden(f"a write with the session cookie needs the {CSRF_HEADER} header")
+        return entry[0]
 
     @classmethod
     def from_config(cls, config: MonitorConfig) -> Tokens:
@@ -32,6 +72,9 @@ class Tokens:
         """Return the caller's identity or raise 401."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
+            session = self._session(request)
+            if session is not None:
+                return session
             raise unauthorized("a bearer token is required")
         digest = token_digest(token.strip())
         # compare against every digest so timing does not tell which prefix matched
@@ -51,6 +94,13 @@ class Tokens:
         if not isinstance(identity, ProbeIdentity):
             raise forbidden("this route takes a probe token")
         return identity
+
+    def reader(self, request: web.Request, anonymous: bool) -> OperatorIdentity | None:
+        """Allow an operator, or anyone when anonymous reading is on (then None)."""
+        has_credentials = "Authorization" in request.headers or SESSION_COOKIE in request.cookies
+        if anonymous and not has_credentials:
+            return None
+        return self.operator(request)
 
     def operator(self, request: web.Request) -> OperatorIdentity:
         identity = self.who(request)

@@ -80,6 +80,8 @@ class MonitorConfig:
     "Where operators reach the monitor; links in notifications point there."
     retention_days: float = 30.0
     "Results and samples older than this are deleted (incidents are kept); 0 keeps all."
+    anonymous_read: bool = False
+    "Anyone may read incidents, the matrix and samples (the UI read-only); writes need sign-in."
 
 
 def load_config(path: Path) -> MonitorConfig:
@@ -105,6 +107,7 @@ _KEYS = {
     "delivery",
     "public_url",
     "retention_days",
+    "anonymous_read",
 }
 
 
@@ -146,7 +149,15 @@ def parse_config(document: Any, base: Path = Path()) -> MonitorConfig:
         delivery=_delivery(document.get("delivery", {})),
         public_url=str(document.get("public_url", "")),
         retention_days=_number(document, "retention_days", 30.0),
+        anonymous_read=_boolean(document, "anonymous_read", False),
     )
+
+
+def _boolean(document: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = document.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false")
+    return value
 
 
 def _list(document: Mapping[str, Any], key: str) -> list[Any]:

@@ -13,6 +13,7 @@ kept here, restored from the store at start, so a restart does not blank them.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,8 @@ PHASES = (
 # Few buckets on purpose: with a thousand target x region pairs each bucket is a thousand
 # series; these still bracket the 600 ms target finely.
 PHASE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 1.0, 2.0, 5.0)
+FREEZE_WINDOW = 60
+"Seconds over which the matrix's freeze ratio is taken."
 RESPONSE_BUCKETS = (60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
 
 # latest-value gauges: (metric name, help, path in a sample or result, per medium?)
@@ -67,6 +70,9 @@ class _Latest(Collector):
         "(metric, target, region, media) -> value; media is '' for call-wide values."
         self.success: dict[tuple[str, str], float] = {}
         self.last_result: dict[tuple[str, str], float] = {}
+        self.connect: dict[tuple[str, str], float] = {}
+        self.frozen: dict[tuple[str, str], deque[float]] = {}
+        "Per pair, the freeze seconds of its last FREEZE_WINDOW reliable seconds."
         self.open: dict[Severity, int] = dict.fromkeys(Severity, 0)
 
     def collect(self) -> Iterator[Metric]:
@@ -192,6 +198,9 @@ class Metrics:
             self._result(target, region, body)
 
     def _result(self, target: str, region: str, body: Mapping[str, Any]) -> None:
+        connect = value_at(body, "phases.connect_s")
+        if isinstance(connect, int | float):
+            self.latest.connect[(target, region)] = float(connect)
         status = str(body.get("status"))
         self.calls.labels(target, region, status).inc()
         self.latest.success[(target, region)] = 0.0 if status == "failed" else 1.0
@@ -202,6 +211,8 @@ class Metrics:
                 self.phases.labels(target, region, phase).observe(value)
 
     def _latest_from(self, target: str, region: str, sample: Mapping[str, Any]) -> None:
+        frozen = self.latest.frozen.setdefault((target, region), deque(maxlen=FREEZE_WINDOW))
+        frozen.append(float(value_at(sample, "video.freeze_s") or 0.0))
         for name, _, path, per_medium in _LATEST:
             for media in ("audio", "video") if per_medium else ("",):
                 value = value_at(sample, f"{media}.{path}" if media else path)
@@ -227,11 +238,46 @@ class Metrics:
         """Rebuild the gauges from the store after a start."""
         for row in latest:
             self.latest.last_result[(row.target, row.region)] = row.received_at
+            connect = value_at(row.body, "phases.connect_s")
+            if isinstance(connect, int | float):
+                self.latest.connect[(row.target, row.region)] = float(connect)
             self.latest.success[(row.target, row.region)] = 0.0 if row.status == "failed" else 1.0
             for sample in row.body.get("samples", []):
                 if sample.get("reliable", True):
                     self._latest_from(row.target, row.region, sample)
         self._count_open(all_incidents)
+
+    def matrix(self, now: float) -> list[dict[str, Any]]:
+        """Return the latest numbers of every target x region pair seen."""
+        latest = self.latest
+        pairs = sorted(set(latest.last_result) | set(latest.frozen))
+        cells = []
+        for target, region in pairs:
+            values = {
+                (name, media): value
+                for (name, t, r, media), value in latest.values.items()
+                if (t, r) == (target, region)
+            }
+            frozen = latest.frozen.get((target, region), deque())
+            last = latest.last_result.get((target, region))
+            cells.append(
+                {
+                    "target": target,
+                    "region": region,
+                    "connect_s": latest.connect.get((target, region)),
+                    "jitter_audio_s": values.get(("callmon_jitter_seconds", "audio")),
+                    "jitter_video_s": values.get(("callmon_jitter_seconds", "video")),
+                    "loss_audio": values.get(("callmon_loss_ratio", "audio")),
+                    "loss_video": values.get(("callmon_loss_ratio", "video")),
+                    "rtt_s": values.get(("callmon_rtt_seconds", "")),
+                    "av_offset_s": values.get(("callmon_av_offset_seconds", "")),
+                    "mos": values.get(("callmon_mos", "")),
+                    "freeze_ratio": (sum(frozen) / len(frozen)) if frozen else None,
+                    "last_result_age_s": None if last is None else max(0.0, now - last),
+                    "success": latest.success.get((target, region)),
+                }
+            )
+        return cells
 
     def _count_open(self, all_incidents: Iterable[Incident]) -> None:
         counts = dict.fromkeys(Severity, 0)

@@ -226,13 +226,15 @@ class Pipeline:
         self._state.seconds[call_id] = seen
         while len(self._state.seconds) > CALLS_REMEMBERED:
             self._state.seconds.pop(next(iter(self._state.seconds)))
+        # a second's wall time: the last one arrived now, the others before it
+        last = max((float(s["t_s"]) for s in samples), default=0.0)
         unit.samples.extend(
             SampleRow(
                 call_id,
                 probe.name,
                 probe.region,
                 item.target,
-                now,
+                now - (last - float(s["t_s"])),
                 float(s["t_s"]),
                 bool(s.get("reliable", True)),
                 s,
@@ -471,6 +473,17 @@ class Pipeline:
 
     def silences_changed(self, silences: list[Silence]) -> None:
         self._state.silences = silences
+
+    def firing(self) -> dict[tuple[str, str], list[dict[str, str]]]:
+        """Return, per (target, region), the rules firing now with their severity."""
+        out: dict[tuple[str, str], list[dict[str, str]]] = {}
+        for key, condition in self._state.conditions.items():
+            if condition.firing and condition.severity is not None:
+                rule, target, region = key.split("|", 2)
+                out.setdefault((target, region), []).append(
+                    {"rule": rule, "severity": condition.severity.value}
+                )
+        return out
 
     def open_incidents(self) -> list[Incident]:
         return [i for i in self._state.incidents.values() if i.open]

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from monitorkit import (
     OPERATOR_TOKEN,
     PROBES,
@@ -509,3 +510,69 @@ async def test_a_continuous_call_that_works_again_clears_call_failed(tmp_path: P
         clock.advance(1)
         await m.send("probe-eu", batch("call-2", [sample(2.0)]))
         assert await incidents(m, state="open") == []
+
+
+async def test_the_ui_apis_sessions_matrix_and_samples(tmp_path: Path) -> None:
+    clock = Clock()
+    async with monitor(make_config(tmp_path), clock) as m:
+        await m.send(
+            "probe-eu",
+            result(connect_s=0.3, samples=[sample(1.0, jitter=0.02), sample(2.0, freezes=1)]),
+        )
+        clock.advance(1)
+        await m.send("probe-us", result(status=Status.FAILED, samples=[]))
+        # reading needs an operator: no anonymous reading by default
+        async with m.http.get(m.url + "/api/v1/matrix") as response:
+            assert response.status == 401
+        # a session: the cookie signs the browser in, and writes need the extra header
+        # unsafe: the cookie jar must accept cookies from an IP address, as browsers do
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+            async with browser.post(m.url + "/api/v1/session", json={"token": "nope"}) as r:
+                assert r.status == 401
+            async with browser.post(m.url + "/api/v1/session", json={"token": OPERATOR_TOKEN}) as r:
+                assert r.status == 200
+                assert "HttpOnly" in r.headers["Set-Cookie"]
+                assert "SameSite=Strict" in r.headers["Set-Cookie"]
+            async with browser.get(m.url + "/api/v1/session") as r:
+                assert (await r.json())["operator"] == "alice"
+            async with browser.get(m.url + "/api/v1/matrix") as r:
+                grid = await r.json()
+            async with browser.post(
+                m.url + "/api/v1/silences", json={"region": "x", "duration_s": 5, "reason": "r"}
+            ) as r:
+                assert r.status == 403, "a cookie write without the header is refused"
+            async with browser.post(
+                m.url + "/api/v1/silences",
+                json={"region": "x", "duration_s": 5, "reason": "r"},
+                headers={"X-Callmon-Request": "1"},
+            ) as r:
+                assert r.status == 201
+            async with browser.get(
+                m.url + "/api/v1/samples", params={"target": TARGET_A, "region": "eu-west"}
+            ) as r:
+                series = await r.json()
+            async with browser.delete(m.url + "/api/v1/session") as r:
+                assert r.status == 200
+            async with browser.get(m.url + "/api/v1/matrix") as r:
+                assert r.status == 401
+    assert grid["targets"] == [TARGET_A]
+    assert grid["regions"] == ["eu-west", "us-east"]
+    eu = next(c for c in grid["cells"] if c["region"] == "eu-west")
+    assert eu["connect_s"] == 0.3
+    assert eu["jitter_audio_s"] == 0.005  # the latest reliable second
+    assert eu["freeze_ratio"] == 0.15  # 0.3 s frozen over 2 s
+    assert eu["success"] == 1.0
+    us = next(c for c in grid["cells"] if c["region"] == "us-east")
+    assert us["success"] == 0.0
+    assert us["last_result_age_s"] == 0.0
+    assert [s["t_s"] for s in series["samples"]] == [1.0, 2.0]
+    assert series["samples"][0]["audio.jitter_s"] == 0.02
+    assert series["samples"][1]["at"] > series["samples"][0]["at"]
+
+
+async def test_anonymous_reading_when_configured(tmp_path: Path) -> None:
+    async with monitor(make_config(tmp_path, anonymous_read=True), Clock()) as m:
+        async with m.http.get(m.url + "/api/v1/incidents") as response:
+            assert response.status == 200
+        async with m.http.post(m.url + "/api/v1/silences", json={}) as response:
+            assert response.status == 401, "writes still need an operator"
