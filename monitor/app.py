@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -49,6 +50,9 @@ def create_app(
         return await serve_metrics(request, registry)
 
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", _index)
+    app.router.add_static("/static/", WEB, append_version=True)
+    app.router.add_get("/api/v1/openapi.json", _openapi)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         store = await SqliteStore(config.database).open()
@@ -85,6 +89,20 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+WEB = Path(__file__).with_name("web")
+"The web UI: plain HTML, CSS and JavaScript, no build step and nothing from a CDN."
+
+
+async def _index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    from monitor.openapi import document
+
+    return web.json_response(document())
 
 
 async def _ticker(pipeline: Pipeline, interval_s: float) -> None:
