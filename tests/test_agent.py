@@ -282,3 +282,15 @@ def test_a_misconfigured_agent_fails_fast_with_a_clear_message(
     operator = run_agent_cli(write(monitor={"url": monitor.url, "token": OPERATOR_TOKEN}))
     assert operator.returncode == 64
     assert "operator token" in operator.stderr
+
+
+def test_the_readme_agent_example_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Agents") :]
+    start = section.index("```yaml") + len("```yaml")
+    example = yaml.safe_load(section[start : section.index("```", start)])
+    (tmp_path / "agent-eu.token").write_text("cm_example\n")
+    config = parse_agent_config(example, base=tmp_path)
+    assert config.monitor_token == "cm_example"
+    assert [t.mode for t in config.targets] == ["continuous", "scheduled"]
+    assert config.targets[1].thresholds.jitter_s == 0.05
