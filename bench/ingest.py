@@ -80,7 +80,7 @@ from callmon.callresult import (
     VideoSummary,
 )
 from monitor.config import token_digest
-from monitor.store import iso
+from callmon.times import iso_or_none as iso
 
 ROOT = Path(__file__).resolve().parent.parent
 # tests/ is not an installed package; under `mypy bench` alone it is not on mypy's path.

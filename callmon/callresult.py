@@ -565,9 +565,12 @@ def _boolean(value: object) -> object:
 
 
 def _integer(value: object) -> object:
-    if type(value) is not int:
-        raise _Invalid("expected an integer" if value is not None else "must not be null")
-    return value
+    kind = type(value)
+    if kind is int:
+        return value
+    if kind is float and value.is_integer():  # type: ignore[attr-defined]  # JSON's 1.0
+        return int(value)  # type: ignore[call-overload]
+    raise _Invalid("expected an integer" if value is not None else "must not be null")
 
 
 def _number(value: object) -> object:

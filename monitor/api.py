@@ -16,9 +16,10 @@ from typing import Any
 from aiohttp import web
 
 from callmon.callresult import ContractError
+from callmon.times import iso_or_none as iso
 from monitor import incidents
 from monitor.alertmanager import parse_webhook
-from monitor.auth import SESSION_COOKIE, SESSION_S, Tokens
+from monitor.auth import CSRF_HEADER, SESSION_COOKIE, SESSION_S, Tokens, unauthorized
 from monitor.config import MonitorConfig, ProbeIdentity
 from monitor.errors import bad_request, error
 from monitor.incidents import Change, Incident, Severity
@@ -26,7 +27,7 @@ from monitor.ingest import parse_items, read_json
 from monitor.metrics import Metrics
 from monitor.pipeline import Pipeline
 from monitor.rules import value_at
-from monitor.store import Silence, Store, incident_json, iso
+from monitor.store import Silence, Store, incident_json
 
 CONFIG = web.AppKey("config", MonitorConfig)
 TOKENS = web.AppKey("tokens", Tokens)
@@ -52,7 +53,7 @@ async def post_results(request: web.Request) -> web.Response:
     try:
         items = parse_items(document)
     except ContractError as exc:
-        raise bad_request(exc.message, exc.field) from None
+        raise bad_request(exc.message, exc.field or None) from None
     receipts = await app[PIPELINE].ingest(probe, items)
     return _json(
         {
@@ -90,7 +91,7 @@ async def post_alertmanager(request: web.Request) -> web.Response:
     try:
         alerts = parse_webhook(document)
     except ContractError as exc:
-        raise bad_request(exc.message, exc.field) from None
+        raise bad_request(exc.message, exc.field or None) from None
     out = []
     for alert in alerts:
         incident = await app[PIPELINE].alert(
@@ -297,7 +298,10 @@ def _silence_json(silence: Silence) -> dict[str, Any]:
 async def list_silences(request: web.Request) -> web.Response:
     app = request.app
     _reader(request)
-    active = request.query.get("active") in ("1", "true")
+    active_text = request.query.get("active", "0")
+    if active_text not in ("0", "1", "true", "false"):
+        raise bad_request("active must be 1 or 0", "active")
+    active = active_text in ("1", "true")
     now = app[PIPELINE].clock()
     found = await app[STORE].silences(active_at=now if active else None)
     return _json({"silences": [_silence_json(s) for s in found]})
@@ -385,7 +389,7 @@ async def sign_in(request: web.Request) -> web.Response:
         raise bad_request("token is required", "token")
     signed = request.app[TOKENS].sign_in(token)
     if signed is None:
-        raise error(web.HTTPUnauthorized, "not an operator token")
+        raise unauthorized("not an operator token")
     operator, session = signed
     response = _json({"operator": operator.name})
     response.set_cookie(
@@ -408,6 +412,8 @@ async def current_session(request: web.Request) -> web.Response:
 
 @routes.delete("/api/v1/session")
 async def sign_out(request: web.Request) -> web.Response:
+    if CSRF_HEADER not in request.headers:
+        raise error(web.HTTPForbidden, f"signing out needs the {CSRF_HEADER} header")
     request.app[TOKENS].sign_out(request)
     response = _json({"operator": None})
     response.del_cookie(SESSION_COOKIE, path="/")
@@ -502,10 +508,9 @@ def _incident_id(request: web.Request) -> int:
 
 
 def _int(text: str, field: str, low: int, high: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise bad_request(f"{field} must be an integer", field) from None
+    if not text.isdigit():  # int() would also take "1_0" or " 7"
+        raise bad_request(f"{field} must be an integer", field)
+    value = int(text)
     if not low <= value <= high:
         raise bad_request(f"{field} must be between {low} and {high}", field)
     return value
@@ -520,8 +525,12 @@ def _number(value: Any, field: str) -> float:
 
 
 def _time(value: Any, field: str) -> float:
-    """Accept RFC 3339 text or Unix seconds."""
+    """Accept RFC 3339 text or Unix seconds (as a number, or as text in a query)."""
     if isinstance(value, str):
+        try:
+            return _number(float(value), field)
+        except ValueError:
+            pass
         try:
             moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -100,9 +101,9 @@ async def _index(request: web.Request) -> web.FileResponse:
 
 
 async def _openapi(request: web.Request) -> web.Response:
-    from monitor.openapi import document
+    from monitor.openapi import document_text
 
-    return web.json_response(document())
+    return web.Response(text=document_text(), content_type="application/json")
 
 
 async def _ticker(pipeline: Pipeline, interval_s: float) -> None:
@@ -141,3 +142,13 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         if exc.content_type == "application/json":
             raise
         raise error(web.HTTPNotFound, f"no route {request.method} {request.path}") from None
+    except web.HTTPMethodNotAllowed as exc:
+        if exc.content_type == "application/json":
+            raise
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        raise web.HTTPMethodNotAllowed(
+            request.method,
+            exc.allowed_methods,
+            text=json.dumps({"error": f"{request.method} is not allowed here; allowed: {allowed}"}),
+            content_type="application/json",
+        ) from None

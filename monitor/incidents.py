@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from callmon.times import iso
+
 CALLMON = "callmon"
 "The actor of every automatic transition."
 
@@ -366,7 +368,7 @@ def tick(incident: Incident, *, now: float, policy: Policy) -> Change | None:
                     CALLMON,
                     "ack_breached",
                     "not acknowledged in time",
-                    {"due": updated.ack_due, "kind": "ack"},
+                    {"due": iso(updated.ack_due), "kind": "ack"},
                 )
             )
             notices.append(
@@ -408,7 +410,7 @@ def tick(incident: Incident, *, now: float, policy: Policy) -> Change | None:
                 CALLMON,
                 "resolve_breached",
                 "not resolved in time",
-                {"due": updated.resolve_due, "kind": "resolve"},
+                {"due": iso(updated.resolve_due), "kind": "resolve"},
             )
         )
         notices.append(

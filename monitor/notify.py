@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import aiohttp
 from yarl import URL
 
+from callmon.times import iso
 from monitor.config import Channel, Delivery
 from monitor.metrics import Metrics
 from monitor.store import OutboxRow, Store
@@ -224,12 +225,6 @@ def _finite(value: Any) -> Any:
 # --- renderers (pure) ----------------------------------------------------------------------
 
 
-def rfc3339(t: float) -> str:
-    """Return a Unix time as RFC 3339 UTC with milliseconds."""
-    moment = datetime.datetime.fromtimestamp(t, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def incident_url(public_url: str, incident_id: Any) -> str | None:
     """Return the incident's page under `public_url`, None when there is no public URL."""
     if not public_url or incident_id is None:
@@ -251,7 +246,7 @@ def webhook_body(row: OutboxRow, *, key: str, public_url: str = "") -> dict[str,
         "delivery_key": key,
         "event": row.kind,
         "data": dict(row.data),
-        "at": rfc3339(row.created_at),
+        "at": iso(row.created_at),
         "incident": dict(snapshot),
     }
     url = incident_url(public_url, snapshot.get("id"))
@@ -333,7 +328,7 @@ def pagerduty_body(row: OutboxRow, *, routing_key: str, public_url: str = "") ->
         "source": _source(scope),
         # a page that arrives with a guessed severity beats one refused for a new tier
         "severity": PD_SEVERITIES.get(str(snapshot.get("severity")), "error"),
-        "timestamp": rfc3339(row.created_at),
+        "timestamp": iso(row.created_at),
         "class": str(snapshot.get("rule", "")),
         "custom_details": details,
     }
@@ -468,7 +463,7 @@ def _slack_date(value: Any) -> str:
     if t is None:
         return "?"
     # Slack shows the reader's own time zone; the fallback is for clients that cannot
-    return f"<!date^{int(t)}^{{date_short_pretty}} {{time}}|{rfc3339(t)}>"
+    return f"<!date^{int(t)}^{{date_short_pretty}} {{time}}|{iso(t)}>"
 
 
 def _deadlines(snapshot: Mapping[str, Any]) -> list[str]:
@@ -716,7 +711,7 @@ class Deliverer:
             attempts,
             limit,
             exc,
-            rfc3339(next_at),
+            iso(next_at),
         )
         return RETRY
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from callmon.times import iso_or_none as iso
 from monitor import correlation, incidents
 from monitor.config import MonitorConfig, ProbeIdentity
 from monitor.correlation import Firing
@@ -516,7 +517,7 @@ def _details(
                 "region": f.region,
                 "value": c.last_value,
                 "severity": f.severity.value,
-                "since": c.since,
+                "since": iso(c.since),
                 "breaches": sum(c.recent),
                 "evaluations": len(c.recent),
                 "evidence": c.evidence,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import datetime
 import json
 import secrets
 import sqlite3
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from callmon.times import iso_or_none as iso
 from monitor.incidents import (
     Change,
     Event,
@@ -637,8 +637,11 @@ class SqliteStore:
 
     async def end_silence(self, silence_id: int, now: float) -> Silence | None:
         def end(db: sqlite3.Connection) -> Silence | None:
+            # a window that has not begun ends empty, never before it starts
             db.execute(
-                "UPDATE silences SET ends_at = MIN(ends_at, ?) WHERE id = ?", (now, silence_id)
+                "UPDATE silences SET starts_at = MIN(starts_at, ?), ends_at = MIN(ends_at, ?) "
+                "WHERE id = ?",
+                (now, now, silence_id),
             )
             row = db.execute(
                 f"SELECT {_SILENCE} FROM silences WHERE id = ?", (silence_id,)
@@ -887,14 +890,6 @@ def _outbox(row: Sequence[Any]) -> OutboxRow:
         sent_at,
         error,
     )
-
-
-def iso(t: float | None) -> str | None:
-    """Return a Unix time as RFC 3339 UTC with milliseconds (None stays None)."""
-    if t is None:
-        return None
-    moment = datetime.datetime.fromtimestamp(t, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def incident_json(incident: Incident) -> dict[str, Any]:

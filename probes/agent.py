@@ -31,6 +31,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 import callmon
 from callmon.callresult import CallResult, ProbeInfo, SampleBatch, Status, Target
 from callmon.tasks import TaskGroup
+from callmon.times import now_iso
 from probes.agentconfig import AgentConfig, TargetConfig
 from probes.call import CallOptions, ProbeCall, Progress
 from probes.looplag import LoopLag
@@ -195,7 +196,7 @@ class Agent:
         failures = 0
         while not self._stopping:
             call_id = str(uuid.uuid4())
-            started_at = self._now_iso()
+            started_at = now_iso()
             pending: list[Any] = []
 
             def on_progress(progress: Progress, pending: list[Any] = pending) -> None:
@@ -289,13 +290,6 @@ class Agent:
         return ProbeInfo(
             version=callmon.__version__, host=socket.gethostname(), region=self.config.region
         )
-
-    @staticmethod
-    def _now_iso() -> str:
-        import datetime
-
-        now = datetime.datetime.now(datetime.UTC)
-        return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     # --- health --------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import socket
 import time
@@ -49,6 +48,7 @@ from callmon.callresult import (
     evaluate,
 )
 from callmon.tasks import TaskGroup
+from callmon.times import iso
 from probes import aiortc_hooks
 from probes.assembler import attach
 from probes.audioreceiver import AudioReceiver
@@ -169,7 +169,7 @@ class ProbeCall:
     async def run(self) -> CallResult:
         options = self.options
         loops = shared_loops()  # before the clock starts: encoding is not the target's time
-        started_at = datetime.datetime.now(datetime.UTC)
+        started_at = time.time()
         self._t0 = self._clock()
         self._failed = asyncio.get_running_loop().create_future()
         failure: Failure | None = None
@@ -498,7 +498,7 @@ class ProbeCall:
 
     # --- result ------------------------------------------------------------------------
 
-    def _result(self, started_at: datetime.datetime, failure: Failure | None) -> CallResult:
+    def _result(self, started_at: float, failure: Failure | None) -> CallResult:
         self._note_first_frames()
         options = self.options
         summary = self._summary()
@@ -506,7 +506,7 @@ class ProbeCall:
         status = Status.FAILED if failure else Status.DEGRADED if degradations else Status.OK
         return CallResult(
             id=self.id,
-            started_at=started_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            started_at=iso(started_at),
             target=Target(url=options.url, signaling=options.signaling, session=self._session_id),
             route=self._route,
             probe=ProbeInfo(
