@@ -258,6 +258,7 @@ def _impair_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     p.add_argument("--clear", action="store_true", help="remove the live impairment")
     p.add_argument("--token", help="the reflector's bearer token")
+    p.add_argument("--token-file", help="read the reflector's bearer token from this file")
     p.set_defaults(run=_run_impair)
 
 
@@ -277,8 +278,9 @@ def _run_impair(args: argparse.Namespace) -> int:
     if params:
         url += "?" + urllib.parse.urlencode(params)
     request = urllib.request.Request(url, method=method)
-    if args.token:
-        request.add_header("Authorization", f"Bearer {args.token}")
+    token = _token(args)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             print(response.read().decode())

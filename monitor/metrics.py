@@ -24,7 +24,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from monitor.incidents import Incident, Severity
-from monitor.rules import value_at
+from monitor.rules import has_media, value_at
 
 if TYPE_CHECKING:
     from monitor.pipeline import Item
@@ -196,6 +196,10 @@ class Metrics:
         if item.kind == "result":
             self.ingest_results.inc()
             self._result(target, region, body)
+        elif has_media(samples):
+            # a long-held call reports its status when it ends: its seconds with media
+            # say it works now (as the call_failed rule reads them too)
+            self.latest.success[(target, region)] = 1.0
 
     def _result(self, target: str, region: str, body: Mapping[str, Any]) -> None:
         connect = value_at(body, "phases.connect_s")

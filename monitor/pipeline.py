@@ -24,7 +24,7 @@ from monitor.config import MonitorConfig, ProbeIdentity
 from monitor.correlation import Firing
 from monitor.incidents import Change, Incident, Scope, ScopeKind, Severity, dedup_key
 from monitor.metrics import Metrics
-from monitor.rules import Condition, Rule, Source, value_at
+from monitor.rules import Condition, Rule, Source, has_media, value_at
 from monitor.store import ResultRow, SampleRow, Silence, Store, Unit
 
 log = logging.getLogger("callmon.monitor")
@@ -248,7 +248,7 @@ class Pipeline:
             values: list[Any] = []
             if rule.source is Source.RESULT and item.kind == "result":
                 values = [value_at(body, rule.metric)]
-            elif rule.source is Source.RESULT and rule.samples_value and _has_media(samples):
+            elif rule.source is Source.RESULT and rule.samples_value and has_media(samples):
                 # a long-held call reports its status only when it ends; seconds with
                 # media in the meantime say it works now
                 values = [rule.samples_value]
@@ -494,14 +494,6 @@ class Pipeline:
             (d for i in self._state.incidents.values() if (d := incidents.next_deadline(i))),
             default=None,
         )
-
-
-def _has_media(samples: list[Any]) -> bool:
-    return any(
-        (value_at(s, "audio.packets") or 0) + (value_at(s, "video.packets") or 0) > 0
-        for s in samples
-        if s.get("reliable", True)
-    )
 
 
 def _details(

@@ -121,6 +121,15 @@ def value_at(document: Mapping[str, Any], path: str) -> Any:
     return node
 
 
+def has_media(samples: Sequence[Mapping[str, Any]]) -> bool:
+    """Tell whether any reliable second of a call carried audio or video packets."""
+    return any(
+        (value_at(s, "audio.packets") or 0) + (value_at(s, "video.packets") or 0) > 0
+        for s in samples
+        if s.get("reliable", True)
+    )
+
+
 @dataclass
 class Condition:
     """One rule's state for one target seen from one region (or one probe)."""
