@@ -19,15 +19,10 @@ COPY probes ./probes
 COPY reflector ./reflector
 COPY monitor ./monitor
 
-# A regular (not editable) install. pyproject.toml declares no package data, so the wheel
-# lacks monitor/rules.yaml (the shipped rules) and monitor/web/ (the UI): copy them next
-# to the installed modules unless the wheel brought them. Then check that the installed
-# package finds them and that the probe stack imports, so a broken image fails its build,
-# not its first start.
+# A regular (not editable) install; the wheel carries the shipped rules and the web UI
+# (package data). Then check that the installed package finds them and that the probe
+# stack imports, so a broken image fails its build, not its first start.
 RUN pip install /src \
- && site="$(python -c 'import monitor, pathlib; print(pathlib.Path(monitor.__file__).parent)')" \
- && { [ -e "$site/rules.yaml" ] || cp /src/monitor/rules.yaml "$site/"; } \
- && { [ -e "$site/web/index.html" ] || cp -r /src/monitor/web "$site/"; } \
  && cd / && rm -rf /src \
  && python -c 'from monitor.config import parse_config; from monitor.app import WEB; parse_config({}); assert (WEB / "index.html").is_file(), WEB' \
  && python -c 'import probes.agent, reflector.app' \
