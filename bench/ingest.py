@@ -79,8 +79,8 @@ from callmon.callresult import (
     Target,
     VideoSummary,
 )
-from monitor.config import token_digest
 from callmon.times import iso_or_none as iso
+from monitor.config import token_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 # tests/ is not an installed package; under `mypy bench` alone it is not on mypy's path.

@@ -39,7 +39,8 @@ def create_app(
     # reads them; prometheus_client only offers a process-wide switch.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[_count_ingest, _json_errors]
+        client_max_size=config.max_body_bytes,
+        middlewares=[_count_ingest, _json_errors, _revalidate_static],
     )
     app[CONFIG] = config
     app[TOKENS] = Tokens.from_config(config)
@@ -130,6 +131,15 @@ async def _count_ingest(request: web.Request, handler: Handler) -> web.StreamRes
         counter.labels("500").inc()
         raise
     counter.labels(str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def _revalidate_static(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Make browsers check the UI's files on each load (cheap: ETag), never run stale ones."""
+    response = await handler(request)
+    if request.path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-cache"
     return response
 
 

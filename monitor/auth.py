@@ -97,9 +97,11 @@ class Tokens:
 
     def reader(self, request: web.Request, anonymous: bool) -> OperatorIdentity | None:
         """Allow an operator, or anyone when anonymous reading is on (then None)."""
-        has_credentials = "Authorization" in request.headers or SESSION_COOKIE in request.cookies
-        if anonymous and not has_credentials:
-            return None
+        if anonymous and "Authorization" not in request.headers:
+            # a cookie of a session that no longer exists (a restart) reads anonymously
+            entry = self.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
+            if entry is None or entry[1] < time.monotonic():
+                return None
         return self.operator(request)
 
     def operator(self, request: web.Request) -> OperatorIdentity:

@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from callmon.times import iso_or_none as iso
 from monitor.incidents import Incident, Severity
 from monitor.rules import has_media, value_at
 
@@ -277,6 +278,7 @@ class Metrics:
                     "av_offset_s": values.get(("callmon_av_offset_seconds", "")),
                     "mos": values.get(("callmon_mos", "")),
                     "freeze_ratio": (sum(frozen) / len(frozen)) if frozen else None,
+                    "last_result_at": iso(last),
                     "last_result_age_s": None if last is None else max(0.0, now - last),
                     "success": latest.success.get((target, region)),
                 }

@@ -268,6 +268,9 @@ DETAILS = {
         "rule": string("Rule name."),
         "description": string("What the rule watches."),
         "condition": string("The rule's condition in words."),
+        "metric": string("The rule's metric: a dotted path into a result or a sample."),
+        "op": string("The rule's comparison."),
+        "raise_at": {"type": "array", "description": "Further thresholds that raise the severity."},
         "threshold": {"description": "The rule's threshold (a pair for `outside`)."},
         "window": {"type": "object", "description": "k of n evaluations."},
         "scope": string("The scope in words."),
@@ -416,6 +419,7 @@ MATRIX_CELL = obj(
         "target": string("Target URL."),
         "region": string("Region."),
         **{name: nullable(number(text)) for name, text in _MATRIX_NUMBERS.items()},
+        "last_result_at": nullable(timestamp("When the latest result or batch arrived.")),
         "firing": array(
             obj(
                 "A rule firing now.",

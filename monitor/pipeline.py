@@ -519,6 +519,15 @@ def _details(
     return {
         "rule": rule.name,
         "description": rule.description,
+        "metric": rule.metric,
+        "op": rule.op,
+        "raise_at": [
+            {
+                "threshold": list(t.threshold) if isinstance(t.threshold, tuple) else t.threshold,
+                "severity": t.severity.value,
+            }
+            for t in rule.raise_at
+        ],
         "condition": rule.describe(),
         "threshold": list(threshold) if isinstance(threshold, tuple) else threshold,
         "window": {"k": rule.k, "n": rule.n},

@@ -432,6 +432,13 @@ class SqliteStore:
             if value is not None:
                 if column == "state" and value == "open":
                     clauses.append("state != 'resolved'")
+                elif column in ("target", "region"):
+                    # a wide incident matches through its members (details.conditions)
+                    clauses.append(
+                        f"({column} = ? OR EXISTS (SELECT 1 FROM json_each(details, "
+                        f"'$.conditions') WHERE json_extract(value, '$.{column}') = ?))"
+                    )
+                    values.extend([value, value])
                 else:
                     clauses.append(f"{column} = ?")
                     values.append(value)
@@ -504,12 +511,16 @@ class SqliteStore:
             if region is not None:
                 sql += " AND region = ?"
                 values.append(region)
-            sql += " ORDER BY at LIMIT ?"
+            # the newest `limit` seconds of the window, oldest first: when a window holds
+            # more than asked, what is cut is its old end
+            sql += " ORDER BY at DESC LIMIT ?"
             values.append(limit)
-            return [
+            rows = [
                 SampleRow(c, p, r, t, at, t_s, bool(rel), json.loads(body))
                 for c, p, r, t, at, t_s, rel, body in db.execute(sql, values)
             ]
+            rows.reverse()
+            return rows
 
         return await self._run(query)
 
