@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 import callmon
-from callmon.callresult import CallResult, ProbeInfo, SampleBatch, Status, Target
+from callmon.callresult import CallResult, Phase, ProbeInfo, SampleBatch, Status, Target
 from callmon.tasks import TaskGroup
 from callmon.times import now_iso
 from probes.agentconfig import AgentConfig, TargetConfig
@@ -230,12 +230,14 @@ class Agent:
             await self._report(target, result)
             if self._stopping:
                 return
+            if result.failure is None or result.failure.phase is Phase.CALL:
+                # it connected and held media: a break after that is a fresh trouble, so
+                # call again at once rather than after the backoff of earlier failures
+                failures = 0
             if result.status is Status.FAILED:
                 self.metrics.interruptions.labels(target.name).inc()
                 await asyncio.sleep(RECONNECT_S[min(failures, len(RECONNECT_S) - 1)])
                 failures += 1
-            else:
-                failures = 0
 
     async def _ship_every(self, ship: Any) -> None:
         while True:
