@@ -69,6 +69,8 @@ async def whoami(request: web.Request) -> web.Response:
     """Tell a caller who its token says it is (agents check their token at start)."""
     identity = request.app[TOKENS].who(request)
     if isinstance(identity, ProbeIdentity):
+        # an agent asks at start: alive, even before its first result arrives
+        request.app[PIPELINE].alive(identity)
         return _json(
             {
                 "role": "probe",

@@ -475,6 +475,13 @@ class Pipeline:
     def silences_changed(self, silences: list[Silence]) -> None:
         self._state.silences = silences
 
+    def alive(self, probe: ProbeIdentity) -> None:
+        """Note a sign of life that is not a result (an agent starting up)."""
+        seen = self._state.probes_seen.get(probe.name)
+        now = self.clock()
+        if seen is None or seen[1] < now:
+            self._state.probes_seen[probe.name] = (probe.region, now)
+
     def firing(self) -> dict[tuple[str, str], list[dict[str, str]]]:
         """Return, per (target, region), the rules firing now with their severity."""
         out: dict[tuple[str, str], list[dict[str, str]]] = {}

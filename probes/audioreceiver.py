@@ -25,6 +25,7 @@ from probes.media import (
 )
 
 GAP_S = 0.2  # Agora: an audio rendering pause over 200 ms is an audio freeze
+CHIRP_SAMPLES = round(markers.CHIRP_SECONDS * AUDIO_RATE)
 PACKET_S = PACKET_SAMPLES / AUDIO_RATE
 
 
@@ -80,10 +81,14 @@ class AudioReceiver:
         index = int(detection.position // per_packet)
         offset = (detection.position - index * per_packet) / ANALYSIS_RATE
         carrier = self._origin + index * PACKET_SAMPLES
-        # The packet that carried the chirp, or failing that (lost) its nearest neighbour
-        # moved by the nominal spacing.
-        ts, at = min(self._arrivals, key=lambda a: abs(a[0] - carrier))
-        instant = at + (carrier - ts) / AUDIO_RATE + offset
+        # Time a chirp only when every packet it spans arrived: a chirp rebuilt around a
+        # lost packet is found early or with a wrong symbol, and would then be paired
+        # with a chirp seconds away, a false A/V offset.
+        spans = range(carrier, carrier + CHIRP_SAMPLES + int(offset * AUDIO_RATE), PACKET_SAMPLES)
+        arrived = {ts: at for ts, at in self._arrivals}
+        if any(ts not in arrived for ts in spans):
+            return
+        instant = arrived[carrier] + offset
         sent = self._log.find_chirp(detection.symbol, instant)
         if sent is None:
             return

@@ -160,6 +160,7 @@ class ProbeCall:
         self._video_track: LoopVideoTrack | None = None
         self._tasks = TaskGroup()
         self._stop = asyncio.Event()
+        self._closing = False
         self.id = options.call_id or str(uuid.uuid4())
         self._route: Route | None = None
         self._session_id: str | None = None
@@ -296,6 +297,7 @@ class ProbeCall:
         return True
 
     async def _close(self, pc: RTCPeerConnection, session: SignalingSession) -> None:
+        self._closing = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pc.close(), CLOSE_TIMEOUT_S)
         with contextlib.suppress(Exception):
@@ -340,6 +342,12 @@ class ProbeCall:
                 self._phases.dtls_s = self._since_start()
                 self._route = _route(pc)
                 self._connected.set()
+            elif pc.connectionState == "closed" and not self._closing:
+                # the target hung up (DTLS close_notify): say so now, not after a timeout
+                self._fail(
+                    Phase.CALL if self._phases.dtls_s is not None else Phase.DTLS,
+                    f"the target hung up {self._media_age():.1f} s into media",
+                )
             elif pc.connectionState == "failed":
                 if self._phases.ice_s is None:
                     self._fail(Phase.ICE, "ICE failed: no candidate pair worked")
