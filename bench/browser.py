@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import wave
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from benchkit import start_logged
 
 from probes import markers, media
 
@@ -163,17 +163,13 @@ def flow_rates(before: PageStatus, after: PageStatus) -> tuple[float, dict[str, 
 
 async def launch(url: str, profile: Path, fake: FakeMedia, log: Path) -> asyncio.subprocess.Process:
     """Start headless Chromium on `url` with a fresh profile and the fake media files."""
-    with log.open("wb") as output:
-        return await asyncio.create_subprocess_exec(
-            CHROMIUM,
-            *FLAGS,
-            f"--user-data-dir={profile}",
-            f"--use-file-for-fake-video-capture={fake.video}",
-            f"--use-file-for-fake-audio-capture={fake.audio}",
-            url,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            # Own session: Ctrl-C reaches only the bench, which stops the tree itself.
-            start_new_session=True,
-        )
+    argv = [
+        CHROMIUM,
+        *FLAGS,
+        f"--user-data-dir={profile}",
+        f"--use-file-for-fake-video-capture={fake.video}",
+        f"--use-file-for-fake-audio-capture={fake.audio}",
+        url,
+    ]
+    # Its own session: Ctrl-C reaches only the bench, which stops the whole tree itself.
+    return await start_logged(argv, log)

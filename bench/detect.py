@@ -36,38 +36,31 @@ SIGTERM or failure. Exits 1 when a goal is missed, 130 when interrupted.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import random
 import re
 import secrets
-import shlex
-import shutil
-import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import benchkit
 import yaml
-from proctree import Watched, Window, measure_window
+from benchkit import LOOPBACK, fmt, median, ms, ratio, spread, table, verdict
+from proctree import Watched, Window, measure_window, stop_process
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import token_digest
@@ -76,7 +69,6 @@ from monitor.rules import DEFAULT_RULES, Rule, Source, load_rules, value_at
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 DEFAULT_OUT = BENCH / "results" / "detect.json"
-LOOPBACK = "127.0.0.1"
 
 PROBE_INTERVAL_S = 5
 "The probes' `interval_s` in the monitor's configuration (silence is judged in these)."
@@ -205,33 +197,20 @@ SECTIONS = ("detection", "clean")
 
 def parse_settings(argv: Sequence[str] | None) -> Settings:
     """Turn the command line into settings; --quick shrinks repeats and the clean run."""
-    parser = argparse.ArgumentParser(
-        description="Benchmark detection: live faults on the reflector to monitor incidents."
+    parser = benchkit.argument_parser(
+        "Benchmark detection: live faults on the reflector to monitor incidents.",
+        "1 repeat, 2-minute clean run",
+        DEFAULT_OUT,
     )
-    parser.add_argument("--quick", action="store_true", help="1 repeat, 2-minute clean run")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
     parser.add_argument("--reps", type=int, help="repeats per fault (3; quick 1)")
     parser.add_argument("--clean", type=float, metavar="S", help="clean run (600; quick 120)")
-    parser.add_argument(
-        "--faults",
-        default=",".join(f.name for f in FAULTS),
-        help=f"comma-separated subset of {','.join(f.name for f in FAULTS)}",
-    )
-    parser.add_argument(
-        "--sections",
-        default=",".join(SECTIONS),
-        help=f"comma-separated subset of {','.join(SECTIONS)}",
-    )
+    fault_names = [f.name for f in FAULTS]
+    benchkit.add_subset(parser, "--faults", fault_names)
+    benchkit.add_subset(parser, "--sections", SECTIONS)
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs, DBs, logs")
     args = parser.parse_args(argv)
-    faults = tuple(f for f in args.faults.split(",") if f)
-    unknown = set(faults) - {f.name for f in FAULTS}
-    if unknown:
-        parser.error(f"unknown fault(s): {', '.join(sorted(unknown))}")
-    sections = tuple(s for s in args.sections.split(",") if s)
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    faults = benchkit.subset(parser, args.faults, fault_names, "fault")
+    sections = benchkit.subset(parser, args.sections, SECTIONS, "section")
     reps = args.reps or (1 if args.quick else 3)
     clean_s = args.clean or (120.0 if args.quick else 600.0)
     if reps < 1 or clean_s < 10:
@@ -247,45 +226,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
     )
 
 
-# --- small helpers (as in bench/probe.py and bench/ingest.py) --------------------------------
-
-
-def median(values: Sequence[float]) -> float | None:
-    """Return the median, or None for no values."""
-    return statistics.median(values) if values else None
-
-
-def spread(values: Sequence[float]) -> dict[str, float | int | None]:
-    """Return median, min, max and count of `values`."""
-    return {
-        "median": median(values),
-        "min": min(values, default=None),
-        "max": max(values, default=None),
-        "n": len(values),
-    }
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    """Return numerator / denominator, or None when either is missing or zero."""
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
-
-
-def fmt(value: object, digits: int = 2) -> str:
-    """Format a table cell: '-' for missing, integers as such, floats to `digits`."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def ms(value: float | None) -> str:
-    """Format seconds as milliseconds with one decimal."""
-    return "-" if value is None else f"{value * 1000:.1f}"
+# --- small helpers (the ones all benches share are in bench/benchkit.py) ------------------
 
 
 def pct(value: float | None) -> str:
@@ -300,27 +241,6 @@ def span(s: Mapping[str, Any], digits: int = 1) -> str:
     if s["n"] == 1:
         return f"{s['median']:.{digits}f}"
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
-
-
-def verdict(ok: bool | None) -> str:
-    """Format a goal or check."""
-    return "-" if ok is None else "PASS" if ok else "FAIL"
-
-
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Render a plain fixed-width table: first column left-aligned, the others right."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    rule = "-" * len(line(["-" * w for w in widths]))
-    return "\n".join([f"\n{title}", rule, line(headers), rule, *map(line, rows), rule])
 
 
 PORT_FLOOR = 20_000
@@ -353,13 +273,6 @@ def free_port() -> int:
     raise RuntimeError("no free TCP port on loopback")
 
 
-def log_tail(path: Path, lines: int = 30) -> str:
-    """Return the last lines of a log file."""
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
 def say(text: str) -> None:
     """Print a progress line at once."""
     print(text, flush=True)
@@ -389,33 +302,25 @@ class Child:
 async def spawn(folder: Path, name: str, role: str, args: Sequence[str], port: int) -> Child:
     """Start `callmon ARGS` in `folder`, its output in NAME.log, in its own session."""
     log = folder / f"{name}.log"
-    with log.open("wb") as output:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "callmon.cli",
-            *args,
-            cwd=folder,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            # Own session: Ctrl-C reaches only the bench, which stops children in order.
-            start_new_session=True,
-        )
+    process = await benchkit.start_logged(
+        [sys.executable, "-m", "callmon.cli", *args], log, cwd=folder
+    )
     return Child(name, role, process, log, f"http://{LOOPBACK}:{port}")
 
 
 async def wait_healthy(http: aiohttp.ClientSession, child: Child, timeout_s: float) -> float:
     """Wait until the child's /healthz answers 200; return how long it took."""
-    start = time.monotonic()
-    while True:
+
+    async def healthy() -> bool:
         with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
             async with http.get(child.base + "/healthz") as response:
-                if response.status == 200:
-                    return time.monotonic() - start
-        if child.process.returncode is not None or time.monotonic() - start > timeout_s:
-            raise RuntimeError(f"{child.name} did not come up:\n{log_tail(child.log)}")
-        await asyncio.sleep(0.1)
+                return response.status == 200
+        return False
+
+    waited = await benchkit.wait_ready(child.process, healthy, timeout_s, 0.1)
+    if waited is None:
+        raise RuntimeError(f"{child.name} did not come up:\n{benchkit.log_tail(child.log)}")
+    return waited
 
 
 BIND_ATTEMPTS = 3
@@ -450,31 +355,16 @@ async def start_child(
     raise AssertionError("unreachable")
 
 
-async def stop_child(child: Child, timeout_s: float) -> int | None:
-    """SIGTERM a child, SIGKILL it if it outlives `timeout_s`; return its exit code."""
-    process = child.process
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), timeout_s)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    return process.returncode
-
-
 async def stop_all(children: Sequence[Child]) -> dict[str, int | None]:
     """Stop agents (together), then reflectors, then the monitor; return exit codes."""
     codes: dict[str, int | None] = {}
     for role, timeout_s in (("agent", AGENT_STOP_S), ("reflector", SERVER_STOP_S)):
         group = [c for c in children if c.role == role]
-        results = await asyncio.gather(*(stop_child(c, timeout_s) for c in group))
+        results = await asyncio.gather(*(stop_process(c.process, timeout_s) for c in group))
         codes.update({c.name: code for c, code in zip(group, results, strict=True)})
     for child in children:
         if child.role == "monitor":
-            codes[child.name] = await stop_child(child, SERVER_STOP_S)
+            codes[child.name] = await stop_process(child.process, SERVER_STOP_S)
     return codes
 
 
@@ -708,7 +598,9 @@ async def wait_for_samples(system: System, regions: Sequence[str]) -> None:
             return
         dead = [c.name for c in system.children if c.process.returncode is not None]
         if dead or time.monotonic() > deadline:
-            tails = "\n".join(f"--- {a.name}\n{log_tail(a.log, 15)}" for a in system.agents)
+            tails = "\n".join(
+                f"--- {a.name}\n{benchkit.log_tail(a.log, 15)}" for a in system.agents
+            )
             raise RuntimeError(
                 f"no samples from {sorted(missing)} (exited: {dead or 'none'}):\n{tails}"
             )
@@ -718,28 +610,33 @@ async def wait_for_samples(system: System, regions: Sequence[str]) -> None:
 # --- the monitor's SQLite file, read-only --------------------------------------------------------
 
 
-def read_only(database: Path) -> sqlite3.Connection:
-    """Open the monitor's database read-only (it keeps writing, in WAL mode)."""
-    return sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)
+def read_rows(database: Path, sql: str, params: tuple[float, ...] = ()) -> list[Any]:
+    """Run one query on the monitor's database and return its rows.
+
+    The file is opened read-only and closed at once: the monitor keeps writing to it (in
+    WAL mode) while the bench reads.
+    """
+    location = f"file:{database}?mode=ro"
+    with contextlib.closing(sqlite3.connect(location, uri=True, timeout=10)) as db:
+        return db.execute(sql, params).fetchall()
 
 
 def events_between(database: Path, start: float, end: float) -> list[dict[str, Any]]:
     """Return timeline events (with their incident's rule and scope) in [start, end]."""
-    with contextlib.closing(read_only(database)) as db:
-        rows = db.execute(
-            "SELECT e.at, e.kind, e.text, i.id, i.rule, i.scope_kind, i.target, i.region,"
-            " i.severity FROM events e JOIN incidents i ON i.id = e.incident_id"
-            " WHERE e.at >= ? AND e.at <= ? ORDER BY e.id",
-            (start, end),
-        ).fetchall()
+    rows = read_rows(
+        database,
+        "SELECT e.at, e.kind, e.text, i.id, i.rule, i.scope_kind, i.target, i.region,"
+        " i.severity FROM events e JOIN incidents i ON i.id = e.incident_id"
+        " WHERE e.at >= ? AND e.at <= ? ORDER BY e.id",
+        (start, end),
+    )
     keys = ("at", "kind", "text", "incident", "rule", "scope", "target", "region", "severity")
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
 def breaching_conditions(database: Path) -> list[dict[str, Any]]:
     """Return rule windows that hold at least one breach, or fire."""
-    with contextlib.closing(read_only(database)) as db:
-        rows = db.execute("SELECT key, state FROM conditions").fetchall()
+    rows = read_rows(database, "SELECT key, state FROM conditions")
     out = []
     for key, state in rows:
         data = json.loads(state)
@@ -770,12 +667,12 @@ class StoredSample:
 
 def samples_between(database: Path, start: float, end: float) -> list[StoredSample]:
     """Return the seconds the monitor received in [start, end], in order of arrival."""
-    with contextlib.closing(read_only(database)) as db:
-        rows = db.execute(
-            "SELECT probe, region, target, call_id, at, t_s, reliable, body FROM samples"
-            " WHERE at >= ? AND at <= ? ORDER BY at, t_s",
-            (start, end),
-        ).fetchall()
+    rows = read_rows(
+        database,
+        "SELECT probe, region, target, call_id, at, t_s, reliable, body FROM samples"
+        " WHERE at >= ? AND at <= ? ORDER BY at, t_s",
+        (start, end),
+    )
     return [
         StoredSample(p, r, t, c, at, t_s, bool(rel), json.loads(body))
         for p, r, t, c, at, t_s, rel, body in rows
@@ -784,13 +681,13 @@ def samples_between(database: Path, start: float, end: float) -> list[StoredSamp
 
 def results_between(database: Path, start: float, end: float) -> list[dict[str, Any]]:
     """Return the call results (not sample batches) received in [start, end]."""
-    with contextlib.closing(read_only(database)) as db:
-        rows = db.execute(
-            "SELECT probe, region, target, received_at, status, body FROM results"
-            " WHERE kind = 'result' AND received_at >= ? AND received_at <= ?"
-            " ORDER BY received_at",
-            (start, end),
-        ).fetchall()
+    rows = read_rows(
+        database,
+        "SELECT probe, region, target, received_at, status, body FROM results"
+        " WHERE kind = 'result' AND received_at >= ? AND received_at <= ?"
+        " ORDER BY received_at",
+        (start, end),
+    )
     out = []
     for probe, region, target, at, status, body in rows:
         document = json.loads(body)
@@ -1904,27 +1801,14 @@ def print_logs(logs: Mapping[str, Any]) -> None:
 
 def environment(workdir: Path) -> dict[str, Any]:
     """Describe the machine and the versions under test."""
-    model = None
-    with open("/proc/cpuinfo") as cpuinfo:
-        for row in cpuinfo:
-            if row.startswith("model name"):
-                model = row.split(":", 1)[1].strip()
-                break
     packages = ("callmon", "aiortc", "aioice", "av", "aiohttp", "prometheus_client", "PyYAML")
     return {
         "machine": {
-            "nproc": os.cpu_count(),
-            "cpu_model": model,
-            "kernel": platform.release(),
-            "memory_total_mb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20,
+            **benchkit.machine(),
             "loadavg_at_start": os.getloadavg(),
             "workdir": str(workdir),
         },
-        "versions": {
-            "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version,
-            **{name: metadata.version(name) for name in packages},
-        },
+        "versions": benchkit.versions(packages, sqlite=True),
         "git": git_state(),
     }
 
@@ -1948,51 +1832,15 @@ def git_state() -> dict[str, Any]:
         return {"error": str(exc)}
 
 
-@contextlib.contextmanager
-def workdir_for(settings: Settings) -> Iterator[Path]:
-    """Yield a scratch directory for configs, SQLite files, spools and logs."""
-    directory = Path(tempfile.mkdtemp(prefix="callmon-detect-"))
-    try:
-        yield directory
-    finally:
-        if settings.keep_workdir:
-            print(f"kept {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-def write_report(path: Path, report: Mapping[str, Any]) -> None:
-    """Write the JSON report, creating its directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        json.dump(report, out, indent=1, default=str)
-        out.write("\n")
-
-
-async def section(report: dict[str, Any], name: str, body: Awaitable[dict[str, Any]]) -> None:
-    """Run one section into report[name]; a failure is recorded and the next section runs."""
-    print(f"\n== {name}", flush=True)
-    started = time.monotonic()
-    try:
-        report[name] = await body
-    except Exception as exc:  # any failure of one section must not lose the others
-        print(f"  ! section {name} failed: {exc.__class__.__name__}: {exc}", flush=True)
-        report[name] = {"error": f"{exc.__class__.__name__}: {exc}"}
-    report[name]["elapsed_s"] = time.monotonic() - started
-
-
 async def run(settings: Settings, report: dict[str, Any]) -> None:
     """Run every section in order, filling `report` as each finishes."""
-    # SIGTERM should clean up like Ctrl-C does: cancel, and let every `finally` run.
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    with workdir_for(settings) as workdir:
+    benchkit.cancel_on_sigterm()
+    with benchkit.workdir("callmon-detect-", settings.keep_workdir) as workdir:
         report.update(environment(workdir))
         if "detection" in settings.sections:
-            await section(report, "detection", detection(settings, workdir))
+            await benchkit.section(report, "detection", detection(settings, workdir), timed=True)
         if "clean" in settings.sections:
-            await section(report, "clean", clean(settings, workdir))
+            await benchkit.section(report, "clean", clean(settings, workdir), timed=True)
 
 
 def goals(report: Mapping[str, Any], settings: Settings) -> list[dict[str, Any]]:
@@ -2049,41 +1897,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench, print tables, write the JSON; exit 1 if a goal failed, 130 on Ctrl-C."""
     settings = parse_settings(argv)
     started = time.monotonic()
-    report: dict[str, Any] = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "argv": sys.argv,
-        "python_executable": sys.executable,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "settings": {
-            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "out"},
-            "out": str(settings.out),
-        },
-        "goals_set": {"hard_s": GOAL_HARD_S, "degraded_s": GOAL_DEGRADED_S, "clean_incidents": 0},
-        "faults": [dataclasses.asdict(f) for f in FAULTS if f.name in settings.faults],
+    report = benchkit.new_report(settings)
+    report["goals_set"] = {
+        "hard_s": GOAL_HARD_S,
+        "degraded_s": GOAL_DEGRADED_S,
+        "clean_incidents": 0,
     }
-    code = 0
-    try:
-        asyncio.run(run(settings, report))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ninterrupted: everything started was stopped; the report is partial")
-        report["interrupted"] = True
-        code = 130
-    finally:
-        report["goals"] = goals(report, settings)
-        report["elapsed_s"] = time.monotonic() - started
-        report["git_at_end"] = git_state()  # others may change the tree during a long run
-        write_report(settings.out, report)
-    print(
-        table(
-            "Goals",
-            ["goal", "value", "verdict"],
-            [[g["goal"], fmt(g["value"], 2), verdict(g["ok"])] for g in report["goals"]],
-        )
+    report["faults"] = [dataclasses.asdict(f) for f in FAULTS if f.name in settings.faults]
+
+    def finishing(final: dict[str, Any]) -> None:
+        final["git_at_end"] = git_state()  # others may change the tree during a long run
+
+    return benchkit.run_and_report(
+        run(settings, report),
+        report,
+        settings.out,
+        lambda final: goals(final, settings),
+        started=started,
+        digits=2,
+        finishing=finishing,
     )
-    print(f"\n{report['elapsed_s']:.0f} s; wrote {settings.out}")
-    if code == 0 and not all(g["ok"] for g in report["goals"]):
-        code = 1
-    return code
 
 
 if __name__ == "__main__":

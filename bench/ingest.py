@@ -33,38 +33,30 @@ number to one JSON file. Exits 1 when a goal is missed, 130 when interrupted.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import gc
 import gzip
 import json
-import math
 import os
-import platform
 import random
 import secrets
-import shlex
 import shutil
-import signal
-import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import benchkit
 import yaml
+from benchkit import LOOPBACK, fmt, median, ms, percentile, ratio, table, verdict
 from proctree import Usage, Watched, Window, measure_window, stop_process
 
 from callmon.callresult import (
@@ -90,7 +82,6 @@ from monitorkit import sample  # type: ignore[import-not-found, unused-ignore]  
 BENCH = Path(__file__).resolve().parent
 BARE = BENCH / "ingest_bare.py"
 DEFAULT_OUT = BENCH / "results" / "ingest.json"
-LOOPBACK = "127.0.0.1"
 INGEST_PATH = "/api/v1/results"
 
 REGIONS = ("eu-west", "us-east", "ap-south")
@@ -145,11 +136,11 @@ class Settings:
 
 def parse_settings(argv: Sequence[str] | None) -> Settings:
     """Turn the command line into settings; --quick shrinks levels, windows and repeats."""
-    parser = argparse.ArgumentParser(
-        description="Benchmark the monitor's durable ingest against a bare aiohttp handler."
+    parser = benchkit.argument_parser(
+        "Benchmark the monitor's durable ingest against a bare aiohttp handler.",
+        "levels 1,16; 4 s windows; 1 rep",
+        DEFAULT_OUT,
     )
-    parser.add_argument("--quick", action="store_true", help="levels 1,16; 4 s windows; 1 rep")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
     parser.add_argument("--levels", help="comma-separated requests in flight (1,4,16,64)")
     parser.add_argument("--window", type=float, metavar="S", help="window per run (10; quick 4)")
     parser.add_argument("--reps", type=int, help="runs per level and server (3; quick 1)")
@@ -175,90 +166,26 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
     )
 
 
-# --- small helpers (as in bench/probe.py, which cannot be imported without aiortc) --------
+# --- small helpers ---------------------------------------------------------------------------
 
 
-def median(values: Sequence[float]) -> float | None:
-    """Return the median, or None for no values."""
-    return statistics.median(values) if values else None
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Return the nearest-rank q-quantile (0 < q <= 1), or None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered), max(1, math.ceil(q * len(ordered)))) - 1]
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    """Return numerator / denominator, or None when either is missing or zero."""
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
-
-
-def fmt(value: object, digits: int = 2) -> str:
-    """Format a table cell: '-' for missing, integers as such, floats to `digits`."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def ms(value: float | None) -> str:
-    """Format seconds as milliseconds with one decimal."""
-    return "-" if value is None else f"{value * 1000:.1f}"
-
-
-def verdict(ok: bool | None) -> str:
-    """Format a goal or check."""
-    return "-" if ok is None else "PASS" if ok else "FAIL"
-
-
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Render a plain fixed-width table: first column left-aligned, the others right."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    rule = "-" * len(line(["-" * w for w in widths]))
-    return "\n".join([f"\n{title}", rule, line(headers), rule, *map(line, rows), rule])
-
-
-def free_port() -> int:
-    """Return a TCP port on loopback that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
+def _status_mb(pid: int, field: str) -> float | None:
+    """Return one kB field of /proc/PID/status (VmRSS, VmHWM, ...) in MB."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as status:
+        for row in status:
+            if row.startswith(field + ":"):
+                return int(row.split()[1]) / 1024
+    return None
 
 
 def peak_rss_mb(pid: int) -> float | None:
     """Return a process's peak RSS so far (VmHWM), MB."""
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as status:
-        for row in status:
-            if row.startswith("VmHWM:"):
-                return int(row.split()[1]) / 1024
-    return None
+    return _status_mb(pid, "VmHWM")
 
 
 def rss_mb(pid: int) -> float | None:
     """Return a process's current RSS (VmRSS), MB."""
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as status:
-        for row in status:
-            if row.startswith("VmRSS:"):
-                return int(row.split()[1]) / 1024
-    return None
+    return _status_mb(pid, "VmRSS")
 
 
 # --- what probes send ---------------------------------------------------------------------
@@ -496,41 +423,26 @@ class Server:
         return self.url + INGEST_PATH
 
 
-def log_tail(path: Path, lines: int = 30) -> str:
-    """Return the last lines of a log file."""
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
 @contextlib.asynccontextmanager
 async def server_process(
     name: str, argv: Sequence[str], port: int, workdir: Path, database: Path | None = None
 ) -> AsyncIterator[Server]:
     """Run a server process on loopback until it accepts connections; stop it on exit."""
     log = workdir / f"{name}.log"
-    with log.open("wb") as output:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            # Own session: Ctrl-C reaches only the bench, which stops children in order.
-            start_new_session=True,
-        )
+    process = await benchkit.start_logged(argv, log, cwd=ROOT)
+
+    async def accepting() -> bool:
+        try:
+            _, writer = await asyncio.open_connection(LOOPBACK, port)
+            writer.close()
+            await writer.wait_closed()
+        except OSError:
+            return False
+        return True
+
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            try:
-                _, writer = await asyncio.open_connection(LOOPBACK, port)
-                writer.close()
-                await writer.wait_closed()
-                break
-            except OSError:
-                if process.returncode is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start:\n{log_tail(log)}") from None
-                await asyncio.sleep(0.05)
+        if await benchkit.wait_ready(process, accepting, STARTUP_TIMEOUT_S, 0.05) is None:
+            raise RuntimeError(f"{name} did not start:\n{benchkit.log_tail(log)}")
         yield Server(name, f"http://{LOOPBACK}:{port}", process.pid, log, database)
     finally:
         await stop_process(process)
@@ -562,7 +474,7 @@ async def monitor_process(
             }
         )
     )
-    port = free_port()
+    port = benchkit.free_port()
     argv = [sys.executable, "-m", "callmon.cli", "monitor", "--config", str(config)]
     argv += ["--listen", f"{LOOPBACK}:{port}"]
     async with server_process(name, argv, port, workdir, database) as server:
@@ -572,7 +484,7 @@ async def monitor_process(
 @contextlib.asynccontextmanager
 async def bare_process(workdir: Path) -> AsyncIterator[Server]:
     """Run bench/ingest_bare.py, the reference."""
-    port = free_port()
+    port = benchkit.free_port()
     argv = [sys.executable, str(BARE), "--listen", f"{LOOPBACK}:{port}"]
     async with server_process("bare", argv, port, workdir) as server:
         yield server
@@ -1425,7 +1337,7 @@ async def py_spy(pid: int, seconds: float, out: Path) -> str | None:
         code = await process.wait()
     finally:
         await stop_process(process)
-    return None if code == 0 else f"py-spy exited {code}: {log_tail(log, 5)}"
+    return None if code == 0 else f"py-spy exited {code}: {benchkit.log_tail(log, 5)}"
 
 
 CATEGORIES = (
@@ -1571,50 +1483,16 @@ def _filesystem(path: Path) -> str | None:
 
 def environment(workdir: Path) -> dict[str, Any]:
     """Describe the machine and the versions under test."""
-    model = None
-    with open("/proc/cpuinfo") as cpuinfo:
-        for row in cpuinfo:
-            if row.startswith("model name"):
-                model = row.split(":", 1)[1].strip()
-                break
     packages = ("callmon", "aiohttp", "prometheus_client", "PyYAML", "multidict", "yarl")
     return {
         "machine": {
-            "nproc": os.cpu_count(),
-            "cpu_model": model,
-            "kernel": platform.release(),
-            "memory_total_mb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20,
+            **benchkit.machine(),
             "loadavg_at_start": os.getloadavg(),
             "workdir": str(workdir),
             "workdir_filesystem": _filesystem(workdir),
         },
-        "versions": {
-            "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version,
-            **{name: metadata.version(name) for name in packages},
-        },
+        "versions": benchkit.versions(packages, sqlite=True),
     }
-
-
-@contextlib.contextmanager
-def workdir_for(settings: Settings) -> Iterator[Path]:
-    """Yield a scratch directory for configs, SQLite files, logs and the profile."""
-    directory = Path(tempfile.mkdtemp(prefix="callmon-ingest-"))
-    try:
-        yield directory
-    finally:
-        if settings.keep_workdir:
-            print(f"kept {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-def write_report(path: Path, report: Mapping[str, Any]) -> None:
-    """Write the JSON report, creating its directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        json.dump(report, out, indent=1, default=str)
-        out.write("\n")
 
 
 async def warm_up(servers: Mapping[str, Server], load: Load, ledgers: Mapping[str, Ledger]) -> None:
@@ -1631,11 +1509,8 @@ async def warm_up(servers: Mapping[str, Server], load: Load, ledgers: Mapping[st
 
 async def run(settings: Settings, report: dict[str, Any]) -> None:
     """Run every section in order, filling `report` as each finishes."""
-    # SIGTERM should clean up like Ctrl-C does: cancel, and let every `finally` run.
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    with workdir_for(settings) as workdir:
+    benchkit.cancel_on_sigterm()
+    with benchkit.workdir("callmon-ingest-", settings.keep_workdir) as workdir:
         report.update(environment(workdir))
         probes = make_probes(LOAD_PROBES, REGIONS)
         targets = [f"https://sfu-{j:02d}.bench.example/whip" for j in range(LOAD_TARGETS)]
@@ -1657,11 +1532,13 @@ async def run(settings: Settings, report: dict[str, Any]) -> None:
             servers = {"monitor": monitor, "bare": bare}
             rss = {"start_mb": rss_mb(monitor.pid)}
             await warm_up(servers, load, ledgers)
-            await section(report, "throughput", throughput(settings, servers, load, ledgers))
+            await benchkit.section(
+                report, "throughput", throughput(settings, servers, load, ledgers)
+            )
             if "error" in report["throughput"]:
                 return
             best = report["throughput"]["best"]
-            await section(
+            await benchkit.section(
                 report,
                 "half_rate",
                 half_rate(settings, servers, load, ledgers, best["monitor_req_per_s"]),
@@ -1673,7 +1550,7 @@ async def run(settings: Settings, report: dict[str, Any]) -> None:
             )
             missed = not best["ok"] or not report["half_rate"].get("ok", False)
             if settings.profile == "always" or (settings.profile == "auto" and missed):
-                await section(
+                await benchkit.section(
                     report,
                     "profile",
                     profile(
@@ -1683,20 +1560,10 @@ async def run(settings: Settings, report: dict[str, Any]) -> None:
         print("\n== resources", flush=True)
         report["resources"] = resources(report["throughput"], rss)
         assert monitor.database is not None
-        await section(
+        await benchkit.section(
             report, "correctness", correctness(ledgers["monitor"], monitor.database, probes)
         )
-        await section(report, "scrape", scrape(settings, workdir))
-
-
-async def section(report: dict[str, Any], name: str, body: Awaitable[dict[str, Any]]) -> None:
-    """Run one section into report[name]; a failure is recorded and the next section runs."""
-    print(f"\n== {name}", flush=True)
-    try:
-        report[name] = await body
-    except Exception as exc:  # any failure of one section must not lose the others
-        print(f"  ! section {name} failed: {exc.__class__.__name__}: {exc}", flush=True)
-        report[name] = {"error": f"{exc.__class__.__name__}: {exc}"}
+        await benchkit.section(report, "scrape", scrape(settings, workdir))
 
 
 def goals(report: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -1746,39 +1613,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench, print tables, write the JSON; exit 1 if a goal failed, 130 on Ctrl-C."""
     settings = parse_settings(argv)
     started = time.monotonic()
-    report: dict[str, Any] = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "argv": sys.argv,
-        "python_executable": sys.executable,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "settings": {
-            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "out"},
-            "out": str(settings.out),
-        },
-        "goals_set": {"ratio_min": GOAL_RATIO, "p99_max_s": GOAL_P99_S, "half_of_max": HALF},
-    }
-    code = 0
-    try:
-        asyncio.run(run(settings, report))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ninterrupted: everything started was stopped; the report is partial")
-        report["interrupted"] = True
-        code = 130
-    finally:
-        report["goals"] = goals(report)
-        report["elapsed_s"] = time.monotonic() - started
-        write_report(settings.out, report)
-    print(
-        table(
-            "Goals",
-            ["goal", "value", "verdict"],
-            [[g["goal"], fmt(g["value"], 3), verdict(g["ok"])] for g in report["goals"]],
-        )
+    report = benchkit.new_report(settings)
+    report["goals_set"] = {"ratio_min": GOAL_RATIO, "p99_max_s": GOAL_P99_S, "half_of_max": HALF}
+    return benchkit.run_and_report(
+        run(settings, report), report, settings.out, goals, started=started, digits=3
     )
-    print(f"\n{report['elapsed_s']:.0f} s; wrote {settings.out}")
-    if code == 0 and not all(g["ok"] for g in report["goals"]):
-        code = 1
-    return code
 
 
 if __name__ == "__main__":

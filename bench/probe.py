@@ -21,35 +21,29 @@ stops it on exit, also on Ctrl-C, SIGTERM or failure. Needs root (Janus's namesp
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import secrets
-import shlex
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 # bench/ itself is first on sys.path when run as a script: its sibling modules.
+import benchkit
 import browser
+from benchkit import LOOPBACK, fmt, median, ms, ratio, spread, table, verdict
 from proctree import (
     SAMPLE_INTERVAL_S,
     Usage,
@@ -76,7 +70,6 @@ from targets import (  # type: ignore[import-not-found, unused-ignore]  # noqa: 
 BENCH = Path(__file__).resolve().parent
 HOLD = BENCH / "hold.py"
 DEFAULT_OUT = BENCH / "results" / "probe.json"
-LOOPBACK = "127.0.0.1"
 LOOPBACK_ICE = IceOptions(hosts=(LOOPBACK,))
 
 REFLECTOR_MAX_CALLS = 30
@@ -114,16 +107,12 @@ SECTIONS = ("accuracy", "connect", "resources")
 
 def parse_settings(argv: Sequence[str] | None) -> Settings:
     """Turn the command line into settings; --quick shrinks counts and durations."""
-    parser = argparse.ArgumentParser(
-        description="Benchmark callmon's probe: accuracy, connect phases, CPU and memory."
+    parser = benchkit.argument_parser(
+        "Benchmark callmon's probe: accuracy, connect phases, CPU and memory.",
+        "1 call per case, 12 s holds",
+        DEFAULT_OUT,
     )
-    parser.add_argument("--quick", action="store_true", help="1 call per case, 12 s holds")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
-    parser.add_argument(
-        "--sections",
-        default=",".join(SECTIONS),
-        help=f"comma-separated subset of {','.join(SECTIONS)}",
-    )
+    benchkit.add_subset(parser, "--sections", SECTIONS)
     parser.add_argument("--calls", type=int, help="accuracy calls per impairment (3; quick 1)")
     parser.add_argument("--connect-calls", type=int, help="calls per target (10; quick 3)")
     parser.add_argument("--hold", type=float, metavar="S", help="resource hold (30; quick 12)")
@@ -131,10 +120,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
         "--keep-workdir", action="store_true", help="keep logs, media files and profiles"
     )
     args = parser.parse_args(argv)
-    sections = tuple(s for s in args.sections.split(",") if s)
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    sections = benchkit.subset(parser, args.sections, SECTIONS, "section")
     hold_s = args.hold or (12.0 if args.quick else 30.0)
     if hold_s < STEADY_FROM_S + STEADY_TAIL_S + 2:
         parser.error(f"--hold must be at least {STEADY_FROM_S + STEADY_TAIL_S + 2:g} s")
@@ -151,73 +137,6 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
 
 
 # --- small helpers ------------------------------------------------------------------------
-
-
-def median(values: Sequence[float]) -> float | None:
-    """Return the median, or None for no values."""
-    return statistics.median(values) if values else None
-
-
-def spread(values: Sequence[float]) -> dict[str, float | int | None]:
-    """Return median, min, max and count of `values`."""
-    return {
-        "median": median(values),
-        "min": min(values, default=None),
-        "max": max(values, default=None),
-        "n": len(values),
-    }
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    """Return numerator / denominator, or None when either is missing or zero."""
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
-
-
-def fmt(value: object, digits: int = 4) -> str:
-    """Format a table cell: '-' for missing, integers as such, floats to `digits`."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def ms(value: float | None) -> str:
-    """Format seconds as milliseconds with one decimal."""
-    return "-" if value is None else f"{value * 1000:.1f}"
-
-
-def verdict(ok: bool | None) -> str:
-    """Format a goal or bound check."""
-    return "-" if ok is None else "PASS" if ok else "FAIL"
-
-
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Render a plain fixed-width table: first column left-aligned, the others right."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    rule = "-" * len(line(["-" * w for w in widths]))
-    return "\n".join([f"\n{title}", rule, line(headers), rule, *map(line, rows), rule])
-
-
-def free_port() -> int:
-    """Return a TCP port on loopback that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def get_json(url: str) -> dict[str, Any]:
@@ -243,37 +162,23 @@ class ReflectorProcess:
 @contextlib.asynccontextmanager
 async def reflector_process(workdir: Path, name: str) -> AsyncIterator[ReflectorProcess]:
     """Run `callmon reflector` on loopback as a user would; stop it on exit."""
-    port = free_port()
+    port = benchkit.free_port()
     log = workdir / f"reflector-{name}.log"
-    with log.open("wb") as output:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "callmon.cli",
-            "reflector",
-            "--listen",
-            f"{LOOPBACK}:{port}",
-            "--ice-host",
-            LOOPBACK,
-            "--max-calls",
-            str(REFLECTOR_MAX_CALLS),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            # Own session: Ctrl-C reaches only the bench, which stops children in order.
-            start_new_session=True,
-        )
+    argv = [sys.executable, "-m", "callmon.cli", "reflector", "--listen", f"{LOOPBACK}:{port}"]
+    argv += ["--ice-host", LOOPBACK, "--max-calls", str(REFLECTOR_MAX_CALLS)]
+    process = await benchkit.start_logged(argv, log)
+    base = f"http://{LOOPBACK}:{port}"
+
+    async def healthy() -> bool:
+        try:
+            await get_json(base + "/healthz")
+        except (aiohttp.ClientError, OSError):
+            return False
+        return True
+
     try:
-        base = f"http://{LOOPBACK}:{port}"
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            try:
-                await get_json(base + "/healthz")
-                break
-            except (aiohttp.ClientError, OSError):
-                if process.returncode is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"reflector did not start:\n{log_tail(log)}") from None
-                await asyncio.sleep(0.05)
+        if await benchkit.wait_ready(process, healthy, STARTUP_TIMEOUT_S, 0.05) is None:
+            raise RuntimeError(f"reflector did not start:\n{log_tail(log)}")
         yield ReflectorProcess(url=base + "/whip", pid=process.pid, log=log)
     finally:
         await stop_process(process)
@@ -591,13 +496,13 @@ def print_accuracy(section: Mapping[str, Any]) -> None:
             [
                 row["case"],
                 row["metric"],
-                fmt(row["injected"]),
-                fmt(median(row["truth"])),
-                fmt(median(measured)),
-                f"{fmt(min(measured, default=None))}..{fmt(max(measured, default=None))}",
-                fmt(_worst(row["error_injected"])),
+                fmt(row["injected"], 4),
+                fmt(median(row["truth"]), 4),
+                fmt(median(measured), 4),
+                f"{fmt(min(measured, default=None), 4)}..{fmt(max(measured, default=None), 4)}",
+                fmt(_worst(row["error_injected"]), 4),
                 _bound(row["vs_injected"]),
-                fmt(_worst(row["error_truth"])),
+                fmt(_worst(row["error_truth"]), 4),
                 (
                     f"±{row['vs_truth_relative']:.0%}"
                     if row["vs_truth_relative"] is not None
@@ -978,8 +883,8 @@ def print_resources(section: Mapping[str, Any]) -> None:
         rows.append(
             [
                 str(step["calls"]),
-                fmt(p_side.get("cores_per_call")),
-                fmt(c_side.get("cores_per_call")),
+                fmt(p_side.get("cores_per_call"), 4),
+                fmt(c_side.get("cores_per_call"), 4),
                 fmt(step["cpu_ratio"], 1),
                 verdict(step["cpu_goal_ok"]),
                 fmt(p_side.get("pss_mb_per_call"), 1),
@@ -989,8 +894,8 @@ def print_resources(section: Mapping[str, Any]) -> None:
                 fmt(p_side.get("rss_mb_per_call"), 1),
                 fmt(step["memory_ratio_vs_probe_rss"], 1),
                 verdict(step["memory_goal_ok_vs_probe_rss"]),
-                fmt(probe.get("reflector", {}).get("cores_per_call")),
-                fmt(chromium.get("reflector", {}).get("cores_per_call")),
+                fmt(probe.get("reflector", {}).get("cores_per_call"), 4),
+                fmt(chromium.get("reflector", {}).get("cores_per_call"), 4),
             ]
         )
     print(
@@ -1069,8 +974,8 @@ def print_resources(section: Mapping[str, Any]) -> None:
     marginal = section["marginal"]
     print(
         f"  marginal cost per added call (N={section['concurrency'][0]} -> "
-        f"{section['concurrency'][-1]}): probe {fmt(marginal['probe_cores'])} cores, "
-        f"{fmt(marginal['probe_pss_mb'], 1)} MB; chromium {fmt(marginal['chromium_cores'])} "
+        f"{section['concurrency'][-1]}): probe {fmt(marginal['probe_cores'], 4)} cores, "
+        f"{fmt(marginal['probe_pss_mb'], 1)} MB; chromium {fmt(marginal['chromium_cores'], 4)} "
         f"cores, {fmt(marginal['chromium_pss_mb'], 1)} MB"
     )
 
@@ -1168,77 +1073,28 @@ def _command_output(*args: str) -> str | None:
 
 def environment() -> dict[str, Any]:
     """Describe the machine and the versions under test."""
-    model = None
-    with open("/proc/cpuinfo") as cpuinfo:
-        for row in cpuinfo:
-            if row.startswith("model name"):
-                model = row.split(":", 1)[1].strip()
-                break
-    versions = {
-        name: metadata.version(name) for name in ("callmon", "aiortc", "aioice", "av", "aiohttp")
-    }
     return {
-        "machine": {
-            "nproc": os.cpu_count(),
-            "cpu_model": model,
-            "kernel": platform.release(),
-            "memory_total_mb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20,
-        },
+        "machine": benchkit.machine(),
         "versions": {
-            "python": platform.python_version(),
-            **versions,
+            **benchkit.versions(("callmon", "aiortc", "aioice", "av", "aiohttp")),
             "chromium": _command_output(browser.CHROMIUM, "--version"),
             "janus": _command_output("dpkg-query", "-W", "-f=${Version}", "janus"),
         },
     }
 
 
-@contextlib.contextmanager
-def workdir_for(settings: Settings) -> Iterator[Path]:
-    """Yield a scratch directory for logs, media files and browser profiles."""
-    directory = Path(tempfile.mkdtemp(prefix="callmon-bench-"))
-    try:
-        yield directory
-    finally:
-        if settings.keep_workdir:
-            print(f"kept {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-def write_report(path: Path, report: Mapping[str, Any]) -> None:
-    """Write the JSON report, creating its directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        json.dump(report, out, indent=1, default=str)
-        out.write("\n")
-
-
 async def run(settings: Settings, report: dict[str, Any]) -> None:
     """Run the chosen sections in order, filling `report` as each finishes."""
-    # SIGTERM should clean up like Ctrl-C does: cancel, and let every `finally` run.
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    with workdir_for(settings) as workdir:
+    benchkit.cancel_on_sigterm()
+    with benchkit.workdir("callmon-bench-", settings.keep_workdir) as workdir:
         if "accuracy" in settings.sections or "connect" in settings.sections:
             async with reflector_process(workdir, "calls") as reflector:
                 if "accuracy" in settings.sections:
-                    await section(report, "accuracy", accuracy(settings, reflector))
+                    await benchkit.section(report, "accuracy", accuracy(settings, reflector))
                 if "connect" in settings.sections:
-                    await section(report, "connect", connect(settings, reflector))
+                    await benchkit.section(report, "connect", connect(settings, reflector))
         if "resources" in settings.sections:
-            await section(report, "resources", resources(settings, workdir))
-
-
-async def section(report: dict[str, Any], name: str, body: Awaitable[dict[str, Any]]) -> None:
-    """Run one section into report[name]; a failure is recorded and the next section runs."""
-    print(f"\n== {name}", flush=True)
-    try:
-        report[name] = await body
-    except Exception as exc:  # any failure of one section must not lose the others
-        print(f"  ! section {name} failed: {exc.__class__.__name__}: {exc}", flush=True)
-        report[name] = {"error": f"{exc.__class__.__name__}: {exc}"}
+            await benchkit.section(report, "resources", resources(settings, workdir))
 
 
 def goals(report: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -1318,39 +1174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench, print tables, write the JSON; exit 1 if a goal failed, 130 on Ctrl-C."""
     settings = parse_settings(argv)
     started = time.monotonic()
-    report: dict[str, Any] = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "argv": sys.argv,
-        "python_executable": sys.executable,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        **environment(),
-        "settings": {
-            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "out"},
-            "out": str(settings.out),
-        },
-    }
-    code = 0
-    try:
-        asyncio.run(run(settings, report))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ninterrupted: everything started was stopped; the report is partial")
-        report["interrupted"] = True
-        code = 130
-    finally:
-        report["goals"] = goals(report)
-        report["elapsed_s"] = time.monotonic() - started
-        write_report(settings.out, report)
-    print(
-        table(
-            "Goals",
-            ["goal", "value", "verdict"],
-            [[g["goal"], fmt(g["value"]), verdict(g["ok"])] for g in report["goals"]],
-        )
+    report = benchkit.new_report(settings, **environment())
+    return benchkit.run_and_report(
+        run(settings, report), report, settings.out, goals, started=started, digits=4
     )
-    print(f"\n{report['elapsed_s']:.0f} s; wrote {settings.out}")
-    if code == 0 and not all(g["ok"] for g in report["goals"]):
-        code = 1
-    return code
 
 
 if __name__ == "__main__":

@@ -88,18 +88,23 @@ def steal_ticks() -> int:
     return int(values[7]) if len(values) > 7 else 0
 
 
-async def stop_process(process: asyncio.subprocess.Process) -> None:
-    """Terminate a process we started, killing it if it outlives STOP_TIMEOUT_S."""
-    if process.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.terminate()
-    try:
-        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
-    except TimeoutError:
+async def stop_process(
+    process: asyncio.subprocess.Process, timeout_s: float = STOP_TIMEOUT_S
+) -> int | None:
+    """Terminate a process we started, killing it if it outlives `timeout_s`.
+
+    Returns its exit code: the caller may report how the process ended.
+    """
+    if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    return process.returncode
 
 
 async def stop_tree(process: asyncio.subprocess.Process) -> None:

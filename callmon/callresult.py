@@ -358,6 +358,12 @@ class CallResult:
         _check_schema(result.schema, SCHEMA, path)
         return result
 
+    @classmethod
+    def check(cls, data: object, path: str = "") -> None:
+        """Validate parsed JSON as `from_dict` does, without building the objects."""
+        _check_plain(cls, data, path)
+        _check_schema(typing.cast(dict[str, Any], data).get("schema", SCHEMA), SCHEMA, path)
+
 
 @dataclass(kw_only=True)
 class SampleBatch:
@@ -390,6 +396,14 @@ class SampleBatch:
         batch = _from_plain(cls, data, path)
         _check_schema(batch.schema, SAMPLES_SCHEMA, path)
         return batch
+
+    @classmethod
+    def check(cls, data: object, path: str = "") -> None:
+        """Validate parsed JSON as `from_dict` does, without building the objects."""
+        _check_plain(cls, data, path)
+        _check_schema(
+            typing.cast(dict[str, Any], data).get("schema", SAMPLES_SCHEMA), SAMPLES_SCHEMA, path
+        )
 
 
 def _check_schema(found: str, expected: str, path: str) -> None:
@@ -461,6 +475,13 @@ def _from_plain(cls: type[T], data: object, path: str) -> T:
     return typing.cast(T, result)
 
 
+def _check_plain(cls: type[Any], data: object, path: str) -> None:
+    try:
+        _converter(cls, build=False)(data)  # type: ignore[arg-type]  # classes are hashable
+    except _Invalid as exc:
+        raise ContractError(exc.path(path), exc.message) from None
+
+
 class _Invalid(Exception):
     """A bad value deep in a document; each level on the way up adds its name."""
 
@@ -483,20 +504,22 @@ Converter = Callable[[object], object]
 
 
 @functools.cache
-def _converter(hint: object) -> Converter:
+def _converter(hint: object, build: bool = True) -> Converter:
     """Build (once per type) a function that checks and converts a parsed JSON value.
 
     Compiled once, so validating a result walks it once with no type introspection: the
-    monitor validates every sample of every result it ingests.
+    monitor validates every sample of every result it ingests. With `build` false it
+    only checks, returning the value as it came: the monitor keeps documents as sent, so
+    building their objects would be work thrown away.
     """
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         (inner_hint,) = [a for a in args if a is not type(None)]
-        inner = _converter(inner_hint)
+        inner = _converter(inner_hint, build)
         return lambda value: None if value is None else inner(value)
     if origin is list:
-        item = _converter(args[0])
+        item = _converter(args[0], build)
 
         def convert_list(value: object) -> object:
             if type(value) is not list:
@@ -507,11 +530,11 @@ def _converter(hint: object) -> Converter:
                     out.append(item(element))
                 except _Invalid as exc:
                     raise exc.at(f"[{i}]") from None
-            return out
+            return out if build else value
 
         return convert_list
     if inspect.isclass(hint) and dataclasses.is_dataclass(hint):
-        return _dataclass_converter(hint)
+        return _dataclass_converter(hint, build)
     if inspect.isclass(hint) and issubclass(hint, enum.Enum):
         members = {m.value: m for m in hint}
         allowed = ", ".join(str(v) for v in members)
@@ -526,12 +549,12 @@ def _converter(hint: object) -> Converter:
     return _SCALARS[hint]  # a KeyError here is a bug in this module: an unsupported type
 
 
-def _dataclass_converter(cls: type[Any]) -> Converter:
+def _dataclass_converter(cls: type[Any], build: bool) -> Converter:
     hints = typing.get_type_hints(cls)
     plan = [
         (
             f.name,
-            _converter(hints[f.name]),
+            _converter(hints[f.name], build),
             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
         )
         for f in dataclasses.fields(cls)
@@ -553,7 +576,7 @@ def _dataclass_converter(cls: type[Any]) -> Converter:
                     raise exc.at(name) from None
             elif required:
                 raise _Invalid("required field is missing").at(name)
-        return cls(**values)
+        return cls(**values) if build else value
 
     return convert
 

@@ -8,11 +8,11 @@ a target or a region for a maintenance window. Probes may only ingest (403 elsew
 from __future__ import annotations
 
 import datetime
-import json
 import math
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from callmon.callresult import ContractError
@@ -39,7 +39,8 @@ routes = web.RouteTableDef()
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, indent=None))
+    body = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 # --- ingest -------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ again gets the same answer and stores nothing twice.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from callmon.callresult import (
@@ -44,15 +44,15 @@ def _item(entry: Any, path: str) -> Item:
         raise ContractError(path, "expected an object")
     schema = entry.get("schema")
     field = f"{path}.schema" if path else "schema"
-    # The document is kept as sent once it validates: converting it back would walk it twice.
+    # The document is kept as sent once it validates: only checked, never converted.
     if schema == SCHEMA:
-        result = CallResult.from_dict(entry, path)
-        _check_id(result.id, path)
-        return Item(result.id, "result", result.target.url, entry)
+        CallResult.check(entry, path)
+        _check_id(entry["id"], path)
+        return Item(entry["id"], "result", entry["target"]["url"], entry)
     if schema == SAMPLES_SCHEMA:
-        batch = SampleBatch.from_dict(entry, path)
-        _check_id(batch.id, path)
-        return Item(batch.id, "samples", batch.target.url, entry)
+        SampleBatch.check(entry, path)
+        _check_id(entry["id"], path)
+        return Item(entry["id"], "samples", entry["target"]["url"], entry)
     raise ContractError(field, f"expected {SCHEMA!r} or {SAMPLES_SCHEMA!r}")
 
 
@@ -75,6 +75,6 @@ async def read_json(request: web.Request, limit: int) -> Any:
     except web.HTTPRequestEntityTooLarge:  # chunked, no length announced
         raise too_large(limit, None) from None
     try:
-        return json.loads(raw)
+        return orjson.loads(raw)
     except ValueError as exc:
         raise bad_request(f"body is not JSON: {exc}") from None

@@ -61,6 +61,12 @@ _LATEST: tuple[tuple[str, str, str, bool], ...] = (
     ),
     ("callmon_mos", "Estimated MOS of the latest second (1..4.5).", "mos", False),
 )
+_LATEST_PATHS = tuple(
+    (name, media, f"{media}.{path}" if media else path)
+    for name, _, path, per_medium in _LATEST
+    for media in (("audio", "video") if per_medium else ("",))
+)
+"Each gauge's (name, media label, path in a sample)."
 
 
 class _Latest(Collector):
@@ -185,9 +191,8 @@ class Metrics:
         """Count an item and its new seconds (a second seen before is not counted again)."""
         target, body = item.target, item.body
         self.ingest_samples.inc(len(samples))
+        self._latest_from(target, region, [s for s in samples if s.get("reliable", True)])
         for sample in samples:
-            if sample.get("reliable", True):
-                self._latest_from(target, region, sample)
             freezes = value_at(sample, "video.freezes") or 0
             if freezes:
                 self.freezes.labels(target, region).inc(freezes)
@@ -215,14 +220,23 @@ class Metrics:
             if isinstance(value, int | float):
                 self.phases.labels(target, region, phase).observe(value)
 
-    def _latest_from(self, target: str, region: str, sample: Mapping[str, Any]) -> None:
+    def _latest_from(self, target: str, region: str, samples: list[Mapping[str, Any]]) -> None:
+        """Take each gauge's latest value from reliable seconds, oldest first."""
         frozen = self.latest.frozen.setdefault((target, region), deque(maxlen=FREEZE_WINDOW))
-        frozen.append(float(value_at(sample, "video.freeze_s") or 0.0))
-        for name, _, path, per_medium in _LATEST:
-            for media in ("audio", "video") if per_medium else ("",):
-                value = value_at(sample, f"{media}.{path}" if media else path)
+        frozen.extend(float(value_at(s, "video.freeze_s") or 0.0) for s in samples)
+        # newest first: a gauge is done at the first second that has its value
+        pending = _LATEST_PATHS
+        for sample in reversed(samples):
+            missing = []
+            for name, media, path in pending:
+                value = value_at(sample, path)
                 if isinstance(value, int | float):
                     self.latest.values[(name, target, region, media)] = float(value)
+                else:
+                    missing.append((name, media, path))
+            pending = tuple(missing)
+            if not pending:
+                break
 
     def committed(self, unit: Unit, all_incidents: Iterable[Incident]) -> None:
         for row in unit.results:

@@ -36,9 +36,9 @@ BATCH = 256
 "Jobs taken into one transaction, at most."
 PRUNE_EVERY_S = 3600.0
 CALLS_REMEMBERED = 10_000
+"Calls whose last judged second is remembered."
 IDS_REMEMBERED = 100_000
 "Stored ids kept in memory to answer resends without a read (oldest forgotten first)."
-"Calls whose last judged second is remembered."
 PROBE_TARGET = "probe:"
 "Conditions of probe rules name the probe where others name the target."
 
@@ -266,8 +266,18 @@ class Pipeline:
         self, unit: Unit, rule: Rule, key: str, value: Any, now: float, evidence: str | None
     ) -> bool:
         """Feed one evaluation; return whether the rule's incidents need a look."""
-        condition = self._state.conditions.setdefault(key, Condition())
+        condition = self._state.conditions.get(key)
+        if condition is None:
+            condition = self._state.conditions[key] = Condition()
         was_firing, was_trivial = condition.firing, condition.trivial
+        if was_trivial:
+            # the common case, a healthy second of a healthy target: checked before the
+            # full evaluation, as it comes once per rule for every second of every call
+            verdict = rule.breached(value)
+            if not verdict:
+                if verdict is False:
+                    condition.push(False, rule.n)
+                return False
         if condition.observe(rule, value, now, evidence) is None and not condition.recent:
             return False
         # A window of healthy evaluations is as good as none: it is not written, and one
@@ -517,7 +527,7 @@ def _details(
                 "value": c.last_value,
                 "severity": f.severity.value,
                 "since": iso(c.since),
-                "breaches": sum(c.recent),
+                "breaches": c.breaches,
                 "evaluations": len(c.recent),
                 "evidence": c.evidence,
             }

@@ -12,9 +12,11 @@ Rules load from YAML; `monitor/rules.yaml` holds the shipped defaults.
 from __future__ import annotations
 
 import enum
+import functools
 import math
+import operator
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,12 +82,7 @@ class Rule:
             return None
         threshold = self.threshold
         assert isinstance(threshold, float)
-        return {
-            ">": value > threshold,
-            ">=": value >= threshold,
-            "<": value < threshold,
-            "<=": value <= threshold,
-        }[self.op]
+        return _COMPARE[self.op](value, threshold)
 
     def severity_for(self, value: Any) -> Severity:
         severity = self.severity
@@ -101,6 +98,14 @@ class Rule:
         return f"{self.metric} {self.op} {self.threshold}"
 
 
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+}
+
+
 def _beyond(op: str, value: float, threshold: float | tuple[float, float]) -> bool:
     if isinstance(threshold, tuple):
         return value < threshold[0] or value > threshold[1]
@@ -111,11 +116,19 @@ def _beyond(op: str, value: float, threshold: float | tuple[float, float]) -> bo
     return False
 
 
+@functools.lru_cache(maxsize=512)
+def _parts(path: str) -> tuple[str, ...]:
+    # rules look up the same few paths in every sample: split each once
+    return tuple(path.split("."))
+
+
 def value_at(document: Mapping[str, Any], path: str) -> Any:
     """Return the value at a dotted path of a JSON document, None if absent."""
     node: Any = document
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
+    for part in _parts(path):
+        # every sample of every request passes here: dict first, as the abstract Mapping
+        # check alone costs several times more
+        if not isinstance(node, dict | Mapping) or part not in node:
             return None
         node = node[part]
     return node
@@ -143,6 +156,18 @@ class Condition:
     "When it started firing."
     evidence: str | None = None
     "Id of the latest result that breached."
+    breaches: int = field(init=False, default=0)
+    "How many of `recent` are breaches: kept in step, as every second of every call asks."
+
+    def __post_init__(self) -> None:
+        self.breaches = sum(self.recent)
+
+    def push(self, verdict: bool, n: int) -> None:
+        """Add a verdict to the window of the last `n`."""
+        self.recent.append(verdict)
+        self.breaches += verdict
+        while len(self.recent) > n:
+            self.breaches -= self.recent.popleft()
 
     def observe(
         self, rule: Rule, value: Any, now: float, evidence: str | None = None
@@ -151,9 +176,7 @@ class Condition:
         verdict = rule.breached(value)
         if verdict is None:
             return None
-        self.recent.append(verdict)
-        while len(self.recent) > rule.n:
-            self.recent.popleft()
+        self.push(verdict, rule.n)
         if verdict:
             self.last_value = value
             self.evidence = evidence or self.evidence
@@ -162,7 +185,7 @@ class Condition:
                 self.severity = _max(self.severity, rule.severity_for(value))
         else:
             self.healthy_run += 1
-        if not self.firing and sum(self.recent) >= rule.k:
+        if not self.firing and self.breaches >= rule.k:
             self.firing = True
             self.since = now
             self.severity = rule.severity_for(value)
@@ -172,13 +195,14 @@ class Condition:
             self.since = None
             self.severity = None
             self.recent.clear()
+            self.breaches = 0
             return False
         return None
 
     @property
     def trivial(self) -> bool:
         """Tell whether the state is the same as a fresh condition's for all that follows."""
-        return not self.firing and not any(self.recent)
+        return not self.firing and not self.breaches
 
     def to_json(self) -> dict[str, Any]:
         return {

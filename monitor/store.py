@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import json
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+import orjson
 
 from callmon.times import iso_or_none as iso
 from monitor.incidents import (
@@ -371,7 +372,7 @@ class SqliteStore:
             db = self._db
             assert db is not None
             conditions = {
-                key: json.loads(state)
+                key: orjson.loads(state)
                 for key, state in db.execute("SELECT key, state FROM conditions")
             }
             incidents = [
@@ -480,7 +481,7 @@ class SqliteStore:
                 (incident_id,),
             )
             return [
-                StoredEvent(i, inc, Event(at, actor, kind, text, json.loads(data)))
+                StoredEvent(i, inc, Event(at, actor, kind, text, orjson.loads(data)))
                 for i, inc, at, actor, kind, text, data in rows
             ]
 
@@ -516,7 +517,7 @@ class SqliteStore:
             sql += " ORDER BY at DESC LIMIT ?"
             values.append(limit)
             rows = [
-                SampleRow(c, p, r, t, at, t_s, bool(rel), json.loads(body))
+                SampleRow(c, p, r, t, at, t_s, bool(rel), orjson.loads(body))
                 for c, p, r, t, at, t_s, rel, body in db.execute(sql, values)
             ]
             rows.reverse()
@@ -692,7 +693,7 @@ def _write(db: sqlite3.Connection, unit: Unit) -> list[Incident]:
         "INSERT INTO results (id, kind, probe, region, target, received_at, status, body) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            (r.id, r.kind, r.probe, r.region, r.target, r.received_at, r.status, _compact(r.body))
+            (r.id, r.kind, r.probe, r.region, r.target, r.received_at, r.status, _dumps(r.body))
             for r in unit.results
         ],
     )
@@ -708,7 +709,7 @@ def _write(db: sqlite3.Connection, unit: Unit) -> list[Incident]:
                 s.at,
                 s.t_s,
                 int(s.reliable),
-                _compact(s.body),
+                _dumps(s.body),
             )
             for s in unit.samples
         ],
@@ -716,7 +717,7 @@ def _write(db: sqlite3.Connection, unit: Unit) -> list[Incident]:
     db.executemany(
         "INSERT INTO conditions (key, state) VALUES (?, ?) "
         "ON CONFLICT (key) DO UPDATE SET state = excluded.state",
-        [(key, json.dumps(state)) for key, state in unit.conditions.items() if state is not None],
+        [(key, _dumps(state)) for key, state in unit.conditions.items() if state is not None],
     )
     db.executemany(
         "DELETE FROM conditions WHERE key = ?",
@@ -744,11 +745,11 @@ def _write(db: sqlite3.Connection, unit: Unit) -> list[Incident]:
             "INSERT INTO events (incident_id, at, actor, kind, text, data) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             [
-                (incident.id, e.at, e.actor, e.kind, e.text, json.dumps(dict(e.data)))
+                (incident.id, e.at, e.actor, e.kind, e.text, _dumps(dict(e.data)))
                 for e in change.events
             ],
         )
-        snapshot = json.dumps(incident_json(incident))
+        snapshot = _dumps(incident_json(incident))
         at = change.events[-1].at if change.events else unit.at
         db.executemany(
             "INSERT INTO outbox (incident_id, incident_key, channel, kind, data, created_at, "
@@ -759,7 +760,7 @@ def _write(db: sqlite3.Connection, unit: Unit) -> list[Incident]:
                     incident.key,
                     channel,
                     notice.kind,
-                    json.dumps(dict(notice.data)),
+                    _dumps(dict(notice.data)),
                     at,
                     snapshot,
                     at,
@@ -771,8 +772,9 @@ def _write(db: sqlite3.Connection, unit: Unit) -> list[Incident]:
     return written
 
 
-def _compact(document: Mapping[str, Any]) -> str:
-    return json.dumps(document, separators=(",", ":"))
+def _dumps(document: Any) -> str:
+    """Encode compact JSON text (stored as TEXT, so the CLI `sqlite3` shows it)."""
+    return orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _save_incident(db: sqlite3.Connection, incident: Incident) -> Incident:
@@ -796,7 +798,7 @@ def _save_incident(db: sqlite3.Connection, incident: Incident) -> Incident:
         incident.escalation_level,
         incident.next_escalation_at,
         incident.reopened,
-        json.dumps(dict(incident.details)),
+        _dumps(dict(incident.details)),
     )
     columns = (
         "key, rule, scope_kind, target, region, scope_name, title, severity, state, opened_at, "
@@ -859,13 +861,13 @@ def _incident(row: Sequence[Any]) -> Incident:
         escalation_level=escalation_level,
         next_escalation_at=next_escalation_at,
         reopened=reopened,
-        details=json.loads(details),
+        details=orjson.loads(details),
     )
 
 
 def _result(row: Sequence[Any]) -> ResultRow:
     i, kind, probe, region, target, received_at, status, body = row
-    return ResultRow(i, kind, probe, region, target, received_at, status, json.loads(body))
+    return ResultRow(i, kind, probe, region, target, received_at, status, orjson.loads(body))
 
 
 def _outbox(row: Sequence[Any]) -> OutboxRow:
@@ -891,9 +893,9 @@ def _outbox(row: Sequence[Any]) -> OutboxRow:
         incident_key,
         channel,
         kind,
-        json.loads(data),
+        orjson.loads(data),
         created_at,
-        json.loads(snapshot),
+        orjson.loads(snapshot),
         state,
         attempts,
         next_at,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from callmon.callresult import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+Validate = Callable[[object], object]
+"CallResult.from_dict or CallResult.check: both must refuse the same documents."
 
 
 def example() -> dict[str, Any]:
@@ -61,8 +64,9 @@ def test_it_round_trips_through_json() -> None:
         (["schema"], "callmon.call/v0", "schema", "expected 'callmon.call/v1'"),
     ],
 )
+@pytest.mark.parametrize("validate", [CallResult.from_dict, CallResult.check])
 def test_it_names_the_field_at_fault(
-    path: list[str | int], value: object, field: str, message: str
+    path: list[str | int], value: object, field: str, message: str, validate: Validate
 ) -> None:
     data = example()
     node: Any = data
@@ -70,22 +74,33 @@ def test_it_names_the_field_at_fault(
         node = node[key]
     node[path[-1]] = value
     with pytest.raises(ContractError) as caught:
-        CallResult.from_dict(data)
+        validate(data)
     assert caught.value.field == field
     assert message in caught.value.message
 
 
-def test_it_refuses_missing_and_unknown_fields() -> None:
+@pytest.mark.parametrize("validate", [CallResult.from_dict, CallResult.check])
+def test_it_refuses_missing_and_unknown_fields(validate: Validate) -> None:
+    validate(example())  # the control: the document as written passes
     data = example()
     del data["id"]
     with pytest.raises(ContractError, match="id: required field is missing"):
-        CallResult.from_dict(data)
+        validate(data)
     data = example()
     data["summary"]["jitter"] = 1
     with pytest.raises(ContractError, match=r"summary\.jitter: unknown field"):
-        CallResult.from_dict(data)
+        validate(data)
     with pytest.raises(ContractError, match="<root>: expected an object"):
-        CallResult.from_dict([])
+        validate([])
+
+
+def test_checking_leaves_the_document_as_sent() -> None:
+    data = example()
+    data["duration_s"] = 10  # an integer where the contract says number: valid, not converted
+    sent = json.loads(json.dumps(data))
+    CallResult.check(data)
+    assert data == sent
+    assert type(data["duration_s"]) is int
 
 
 def test_evaluate_names_each_crossed_threshold() -> None:
