@@ -312,6 +312,10 @@ def _run_monitor(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.listen:
         config = dataclasses.replace(config, host=args.listen[0], port=args.listen[1])
+    # A scrape builds its text in a worker thread holding the GIL for hundreds of ms with
+    # many series; the event loop gets the GIL back only at the switch interval, paying
+    # it at every step of every request. 0.5 ms instead of 5 keeps ingest flowing.
+    sys.setswitchinterval(0.0005)
     print(
         f"callmon monitor {__version__}: http://{config.host}:{config.port} "
         f"(database {config.database})",
