@@ -146,6 +146,8 @@ class Incident:
     reopened: int = 0
     details: Mapping[str, Any] = field(default_factory=dict)
     "What breached: values against thresholds, the failing call, the phase breakdown."
+    reopened_at: float | None = None
+    "The latest reopening: the acknowledgement clock runs from it."
 
     @property
     def key(self) -> str:
@@ -255,6 +257,7 @@ def breach(
             escalation_level=0,
             next_escalation_at=None,
             reopened=incident.reopened + 1,
+            reopened_at=now,
             details=details,
         )
         event = Event(now, CALLMON, "reopened", why, {"severity": severity.value})

@@ -315,6 +315,9 @@ INCIDENT = obj(
         "resolve_breached": boolean("The resolution deadline was missed."),
         "escalation_level": integer("Escalation levels walked so far.", minimum=0),
         "reopened": integer("Times it reopened.", minimum=0),
+        "reopened_at": nullable(
+            timestamp("The latest reopening (the acknowledgement clock restarts there).")
+        ),
         "details": ref("IncidentDetails"),
     },
 )

@@ -36,7 +36,12 @@ from monitor.incidents import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # from version 1: the latest reopening, where the acknowledgement clock restarts
+    1: ("ALTER TABLE incidents ADD COLUMN reopened_at REAL",),
+}
+"Statements that take a database from a version to the next, run in one transaction."
 "Bumped with every change to the tables below; a database of another version is refused."
 
 SCHEMA = """
@@ -93,7 +98,8 @@ CREATE TABLE IF NOT EXISTS incidents (
     escalation_level INTEGER NOT NULL,
     next_escalation_at REAL,
     reopened INTEGER NOT NULL,
-    details TEXT NOT NULL
+    details TEXT NOT NULL,
+    reopened_at REAL                 -- since schema 2
 );
 CREATE INDEX IF NOT EXISTS incidents_by_key ON incidents (key, id);
 CREATE INDEX IF NOT EXISTS incidents_by_state ON incidents (state, id);
@@ -312,7 +318,11 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
 
     async def open(self) -> SqliteStore:
-        await self._run(self._open)
+        try:
+            await self._run(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
         return self
 
     def _open(self) -> None:
@@ -324,22 +334,47 @@ class SqliteStore:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(SCHEMA)
-        db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('instance_id', ?)",
-            (secrets.token_hex(8),),
-        )
-        db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
-        (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if int(version) != SCHEMA_VERSION:
+        try:
+            self._upgrade(db)
+        except BaseException:
             db.close()
-            raise RuntimeError(
-                f"{self.path} has schema version {version}; this callmon reads {SCHEMA_VERSION}"
-            )
+            raise
         self._db = db
+
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        """Create the schema, or bring an older one forward; refuse a newer one."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = SCHEMA_VERSION if found is None else int(found[0])
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has schema version {version}, newer than this callmon's "
+                    f"{SCHEMA_VERSION}: upgrade callmon, or restore a backup made before"
+                )
+            while version < SCHEMA_VERSION:
+                for statement in MIGRATIONS[version]:
+                    db.execute(statement)
+                version += 1
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('instance_id', ?)",
+                (secrets.token_hex(8),),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     async def _run(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
@@ -799,11 +834,12 @@ def _save_incident(db: sqlite3.Connection, incident: Incident) -> Incident:
         incident.next_escalation_at,
         incident.reopened,
         _dumps(dict(incident.details)),
+        incident.reopened_at,
     )
     columns = (
         "key, rule, scope_kind, target, region, scope_name, title, severity, state, opened_at, "
         "ack_due, resolve_due, acknowledged_at, resolved_at, ack_breached, resolve_breached, "
-        "escalation_level, next_escalation_at, reopened, details"
+        "escalation_level, next_escalation_at, reopened, details, reopened_at"
     )
     if incident.id is None:
         cursor = db.execute(
@@ -843,6 +879,7 @@ def _incident(row: Sequence[Any]) -> Incident:
         next_escalation_at,
         reopened,
         details,
+        reopened_at,
     ) = row
     return Incident(
         id=incident_id,
@@ -862,6 +899,7 @@ def _incident(row: Sequence[Any]) -> Incident:
         next_escalation_at=next_escalation_at,
         reopened=reopened,
         details=orjson.loads(details),
+        reopened_at=reopened_at,
     )
 
 
@@ -930,5 +968,6 @@ def incident_json(incident: Incident) -> dict[str, Any]:
         "resolve_breached": incident.resolve_breached,
         "escalation_level": incident.escalation_level,
         "reopened": incident.reopened,
+        "reopened_at": iso(incident.reopened_at),
         "details": dict(incident.details),
     }

@@ -199,6 +199,7 @@ def test_resolution_and_reopening_within_the_window() -> None:
     assert reopened.state is State.TRIGGERED
     assert reopened.reopened == 1
     assert reopened.opened_at == 0.0
+    assert reopened.reopened_at == 30 * MINUTE  # the acknowledgement clock restarts here
     assert reopened.ack_due == 30 * MINUTE + 1 * HOUR
     assert reopened.resolve_due == 24 * HOUR  # still from the original opening
     assert reopened.acknowledged_at == 60.0  # time to acknowledge stopped at the first ack

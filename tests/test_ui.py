@@ -405,6 +405,39 @@ async def test_acknowledge_stops_the_ack_timer_and_lands_on_the_timeline(tmp_pat
         await expect(row.locator(".timer.primary")).to_have_text(re.compile(r"^resolve in "))
 
 
+async def test_a_reopened_incident_times_its_fresh_acknowledgement(tmp_path: Path) -> None:
+    async with ui(tmp_path) as u:
+
+        def seconds(first: int, last: int, jitter: float) -> dict[str, Any]:
+            return batch("call-r", [sample(float(t), jitter=jitter) for t in range(first, last)])
+
+        # opened 100 min ago, cleared 20 min ago, back 2 min ago: within the reopen window
+        at_age(u.clock, 100 * 60)
+        await u.m.send("probe-eu", seconds(0, 3, 0.05))
+        at_age(u.clock, 20 * 60)
+        await u.m.send("probe-eu", seconds(3, 11, 0.005))
+        at_age(u.clock, 2 * 60)
+        await u.m.send("probe-eu", seconds(11, 14, 0.05))
+        status, body = await u.m.api("GET", "/api/v1/incidents?state=open")
+        assert status == 200, body
+        (incident,) = body["incidents"]
+        assert incident["reopened"] == 1
+
+        await u.sign_in()
+        page = u.page
+        await u.open("#/incidents")
+        timer = page.locator(f'tr[data-incident-id="{incident["id"]}"] .timer.primary')
+        # 58 of the hour to acknowledge are left, counted from the reopening: green. Against
+        # the 158 minutes since the first opening it would show amber.
+        await expect(timer).to_have_text(re.compile(r"ack in 5[78]:\d\d"))
+        await expect(timer).to_have_attribute("data-level", "ok")
+
+        await u.open(f"#/incidents/{incident['id']}")
+        await expect(page.get_by_text("Reopened", exact=True)).to_be_visible()
+        await expect(page.locator("#timers .timer").first).to_have_attribute("data-level", "ok")
+        await expect(page.locator('#timeline li[data-kind="reopened"]')).to_have_count(1)
+
+
 async def test_severity_comment_and_resolve_with_reasons(tmp_path: Path) -> None:
     async with ui(tmp_path) as u:
         ids = await seed(u.m, u.clock)

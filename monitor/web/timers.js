@@ -6,14 +6,15 @@ import { countdown, parseTime, relative } from "./format.js";
 import { h } from "./dom.js";
 
 // Which clocks run: the acknowledgement clock while triggered, the resolution clock until
-// resolved. Each counts from the original opening (README: response timers).
+// resolved. Each counts from the original opening, except that a reopening restarts the
+// acknowledgement clock (README: response timers).
 export function runningTimers(incident) {
   const opened = parseTime(incident.opened_at);
   const timers = [];
   if (incident.state === "triggered") {
     timers.push({
       kind: "ack",
-      opened,
+      opened: incident.reopened_at ? parseTime(incident.reopened_at) : opened,
       due: parseTime(incident.ack_due),
       breached: incident.ack_breached,
     });

@@ -94,6 +94,7 @@ function summary(incident) {
       ]),
       facts([
         ["Opened", when(incident.opened_at)],
+        ...(incident.reopened_at ? [["Reopened", when(incident.reopened_at)]] : []),
         ["Acknowledged", when(incident.acknowledged_at)],
         ["Resolved", when(incident.resolved_at)],
       ]),
