@@ -21,6 +21,7 @@ functions of an outbox row.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import datetime
 import hashlib
@@ -484,7 +485,7 @@ def _deadlines(snapshot: Mapping[str, Any]) -> list[str]:
 # --- transports ----------------------------------------------------------------------------
 
 
-class Transport:
+class Transport(abc.ABC):
     """Render an outbox row for one provider and post it; raise DeliveryError on failure."""
 
     type: ClassVar[str] = ""
@@ -494,9 +495,9 @@ class Transport:
         self.http = http
         self.public_url = public_url
 
+    @abc.abstractmethod
     def render(self, row: OutboxRow, key: str) -> dict[str, Any]:
         """Return the request body for `row`, sent with idempotency key `key`."""
-        raise NotImplementedError
 
     async def send(self, row: OutboxRow, *, key: str, timeout_s: float | None = None) -> None:
         """Deliver `row` or raise DeliveryError."""
