@@ -22,7 +22,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 SCHEMA = "callmon.call/v1"
 SAMPLES_SCHEMA = "callmon.samples/v1"
@@ -312,9 +312,38 @@ class Thresholds:
     "MOS (10th percentile of seconds) below this degrades."
 
 
+class _Document:
+    """What both documents share: a schema id, and conversion from and to parsed JSON."""
+
+    SCHEMA_ID: ClassVar[str]
+    schema: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready form."""
+        plain = _to_plain(self)
+        assert isinstance(plain, dict)
+        return plain
+
+    @classmethod
+    def from_dict(cls, data: object, path: str = "") -> Self:
+        """Build the document from parsed JSON, raising ContractError naming the bad field."""
+        document = _from_plain(cls, data, path)
+        _check_schema(document.schema, cls.SCHEMA_ID, path)
+        return document
+
+    @classmethod
+    def check(cls, data: object, path: str = "") -> None:
+        """Validate parsed JSON as `from_dict` does, without building the objects."""
+        _check_plain(cls, data, path)
+        found = typing.cast(dict[str, Any], data).get("schema", cls.SCHEMA_ID)
+        _check_schema(found, cls.SCHEMA_ID, path)
+
+
 @dataclass(kw_only=True)
-class CallResult:
+class CallResult(_Document):
     """One probe call against one target."""
+
+    SCHEMA_ID: ClassVar[str] = SCHEMA
 
     schema: str = SCHEMA
     "Always `callmon.call/v1`."
@@ -345,29 +374,12 @@ class CallResult:
     samples: list[Sample] = field(default_factory=list)
     "Per-second numbers."
 
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON-ready form."""
-        plain = _to_plain(self)
-        assert isinstance(plain, dict)
-        return plain
-
-    @classmethod
-    def from_dict(cls, data: object, path: str = "") -> CallResult:
-        """Build a result from parsed JSON, raising ContractError naming the bad field."""
-        result = _from_plain(cls, data, path)
-        _check_schema(result.schema, SCHEMA, path)
-        return result
-
-    @classmethod
-    def check(cls, data: object, path: str = "") -> None:
-        """Validate parsed JSON as `from_dict` does, without building the objects."""
-        _check_plain(cls, data, path)
-        _check_schema(typing.cast(dict[str, Any], data).get("schema", SCHEMA), SCHEMA, path)
-
 
 @dataclass(kw_only=True)
-class SampleBatch:
+class SampleBatch(_Document):
     """Per-second samples of a long-held (continuous) call, sent while it lasts."""
+
+    SCHEMA_ID: ClassVar[str] = SAMPLES_SCHEMA
 
     schema: str = SAMPLES_SCHEMA
     "Always `callmon.samples/v1`."
@@ -383,27 +395,6 @@ class SampleBatch:
     "Who calls."
     samples: list[Sample] = field(default_factory=list)
     "Per-second numbers, in order; `t_s` counts from the call's media start."
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON-ready form."""
-        plain = _to_plain(self)
-        assert isinstance(plain, dict)
-        return plain
-
-    @classmethod
-    def from_dict(cls, data: object, path: str = "") -> SampleBatch:
-        """Build a batch from parsed JSON, raising ContractError naming the bad field."""
-        batch = _from_plain(cls, data, path)
-        _check_schema(batch.schema, SAMPLES_SCHEMA, path)
-        return batch
-
-    @classmethod
-    def check(cls, data: object, path: str = "") -> None:
-        """Validate parsed JSON as `from_dict` does, without building the objects."""
-        _check_plain(cls, data, path)
-        _check_schema(
-            typing.cast(dict[str, Any], data).get("schema", SAMPLES_SCHEMA), SAMPLES_SCHEMA, path
-        )
 
 
 def _check_schema(found: str, expected: str, path: str) -> None:
