@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -28,6 +27,19 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Poll `url` until it answers; False once the process ended or the time ran out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return True
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)  # a child process coming up, from synchronous fixture code
 
 
 @dataclass(frozen=True)
@@ -61,17 +73,9 @@ def start_reflector(
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/healthz", timeout=1) as response:
-                json.load(response)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"reflector did not start:\n{log.read_text()}") from None
-            time.sleep(0.05)
+    if not wait_http(base + "/healthz", process, 15):
+        process.kill()
+        raise RuntimeError(f"reflector did not start:\n{log.read_text()}")
     return process, Reflector(url=base + "/whip", base=base, log=log)
 
 

@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 import ifaddr
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, wait_http
 from monitorkit import result
 
 from callmon import cli
@@ -658,15 +658,8 @@ class Processes:
         with log.open("wb") as out:
             process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.folder)
         self.children.append((name, process, log))
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(ready, timeout=1):
-                    return
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"{name} did not come up:\n{self.logs()}") from None
-                time.sleep(0.1)
+        if not wait_http(ready, process, timeout):
+            raise AssertionError(f"{name} did not come up:\n{self.logs()}")
 
     def stop(self) -> None:
         for _, process, _ in reversed(self.children):

@@ -9,13 +9,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, wait_http
 from monitorkit import OPERATOR_TOKEN, PROBES, config_document, result
 
 from callmon.callresult import Status
@@ -36,18 +35,10 @@ def start(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            import urllib.request
-
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(log.read_text()) from None
-            time.sleep(0.05)
+    if not wait_http(f"http://127.0.0.1:{port}/healthz", process, 15):
+        process.kill()
+        raise RuntimeError(log.read_text())
+    return process
 
 
 @pytest.fixture
